@@ -1,0 +1,352 @@
+"""ALBEF builders.
+
+``albef_model_for_retrieval(preset="base")`` gives the paper's model (ViT-B/16, BERT-base split
+at layer 6, 256-d ITC projections, 65,536-entry queues, EMA 0.995); ``preset="tiny"`` is a
+small model that trains on a laptop CPU in minutes on the built-in shapes world. Every size
+can be overridden by keyword.
+"""
+
+import copy
+from typing import Any, Dict, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn, Tensor
+from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
+from torchmultimodal.modules.losses.albef import ImageTextContrastiveLoss
+from torchmultimodal.utils.common import remove_grad
+
+from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
+from torchmm_ext.modules.momentum import FeatureQueue, momentum_update
+from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, albef_text_encoder
+from torchmm_ext.modules.vision_transformer import VisionTransformer
+
+ALBEF_PRESETS: Dict[str, Dict[str, Any]] = {
+    # The paper's sizes (ViT-B/16 + BERT-base); image 384 for fine-tuning.
+    "base": dict(
+        image_size=384,
+        patch_size=16,
+        vision_width=768,
+        vision_depth=12,
+        vision_heads=12,
+        vision_mlp_dim=3072,
+        text_width=768,
+        text_layers=6,
+        fusion_layers=6,
+        text_heads=12,
+        text_ffn_dim=3072,
+        vocab_size=30522,
+        embed_dim=256,
+        queue_size=65536,
+    ),
+    # CPU debugging on the shapes world (64 px images, 8 px patches).
+    "tiny": dict(
+        image_size=64,
+        patch_size=8,
+        vision_width=192,
+        vision_depth=4,
+        vision_heads=3,
+        vision_mlp_dim=768,
+        text_width=192,
+        text_layers=2,
+        fusion_layers=2,
+        text_heads=3,
+        text_ffn_dim=768,
+        vocab_size=512,
+        embed_dim=128,
+        queue_size=4096,
+    ),
+}
+
+
+class ImageEncoding(NamedTuple):
+    """Attributes:
+    embeddings (Tensor): all image tokens ``[B, N, Dv]`` (CLS first).
+    features (Tensor): L2-normalised ITC features ``[B, E]``.
+    """
+
+    embeddings: Tensor
+    features: Tensor
+
+
+class TextEncoding(NamedTuple):
+    """Attributes:
+    embeddings (Tensor): text-mode hidden states ``[B, L, Dt]``.
+    features (Tensor): L2-normalised ITC features ``[B, E]``.
+    """
+
+    embeddings: Tensor
+    features: Tensor
+
+
+class ALBEFRetrievalOutput(NamedTuple):
+    """Attributes:
+    loss (Tensor): ``loss_itc + loss_itm``.
+    loss_itc (Tensor): image-text contrastive loss (with momentum distillation).
+    loss_itm (Tensor): image-text matching loss over positives and hard negatives.
+    """
+
+    loss: Tensor
+    loss_itc: Tensor
+    loss_itm: Tensor
+
+
+class ALBEFForRetrieval(nn.Module):
+    """ALBEF for image-text retrieval: ITC with queues and momentum distillation, ITM with hard
+    negatives, and the encode / score methods the retrieval evaluation needs.
+
+    We compose the encoders directly instead of wrapping torchmultimodal's ``ALBEFModel`` /
+    ``ALBEFModelWithSimilarity``: those also run a momentum *fusion* encoder that retrieval
+    never uses, sample negatives with a per-sample Python loop, and mask only the diagonal
+    when sampling them (pairs that show the same image can be drawn as "negatives").
+
+    Args:
+        vision_encoder (VisionTransformer): image encoder.
+        text_encoder (BERTTextEncoder): text encoder (BERT layers before the fusion layer).
+        fusion_encoder (ALBEFFusionEncoder): cross-attention fusion layers.
+        embed_dim (int): ITC feature size.
+        queue_size (int): entries in each feature queue.
+        momentum (float): EMA coefficient of the momentum encoders.
+        temp (float): initial temperature (learnable, clamped to [0.001, 0.5]).
+
+    Inputs (forward):
+        image (Tensor): ``[B, 3, H, W]``.
+        input_ids (Tensor): ``[B, L]`` caption token ids.
+        attention_mask (Tensor): ``[B, L]`` 1/0 padding mask.
+        idx (Tensor): ``[B]`` image ids (captions of the same image share one).
+        alpha (float): distillation weight of the momentum similarities (0 disables it).
+
+    Returns:
+        ALBEFRetrievalOutput
+    """
+
+    def __init__(
+        self,
+        vision_encoder: VisionTransformer,
+        text_encoder: BERTTextEncoder,
+        fusion_encoder: ALBEFFusionEncoder,
+        embed_dim: int = 256,
+        queue_size: int = 65536,
+        momentum: float = 0.995,
+        temp: float = 0.07,
+    ) -> None:
+        super().__init__()
+        vision_width = vision_encoder.width
+        text_width = text_encoder.embeddings.word_embeddings.embedding_dim
+        self.vision_encoder = vision_encoder
+        self.text_encoder = text_encoder
+        self.fusion_encoder = fusion_encoder
+        self.vision_proj = nn.Linear(vision_width, embed_dim)
+        self.text_proj = nn.Linear(text_width, embed_dim)
+        self.itm_head = nn.Linear(text_width, 2)
+        for head in (self.vision_proj, self.text_proj, self.itm_head):
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+        self.temp = nn.Parameter(torch.tensor(float(temp)))
+        self.momentum = momentum
+
+        self.vision_encoder_m = copy.deepcopy(vision_encoder)
+        self.text_encoder_m = copy.deepcopy(text_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for module in self._momentum_pairs()[1]:
+            remove_grad(module)
+        self.queue = FeatureQueue(embed_dim, queue_size)
+        self.itc_loss = ImageTextContrastiveLoss()
+
+    def _momentum_pairs(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        online = [self.vision_encoder, self.text_encoder, self.vision_proj, self.text_proj]
+        copies = [self.vision_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m]
+        return online, copies
+
+    def encode_image(self, image: Tensor) -> ImageEncoding:
+        """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``."""
+        embeddings = self.vision_encoder(image).last_hidden_state
+        return ImageEncoding(embeddings, F.normalize(self.vision_proj(embeddings[:, 0]), dim=-1))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextEncoding:
+        """Text-mode states ``[B, L, Dt]`` and normalised ITC features ``[B, E]``."""
+        embeddings = self.text_encoder(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
+        return TextEncoding(embeddings, F.normalize(self.text_proj(embeddings[:, 0]), dim=-1))
+
+    def itm_logits(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        text_attention_mask: Tensor,
+        image_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        """ITM logits ``[P, 2]`` for ``P`` (image, text) pairs.
+
+        Args:
+            image_embeddings (Tensor): ``[P, N, Dv]``, or ``[U, N, Dv]`` with ``image_index``.
+            text_embeddings (Tensor): ``[P, L, Dt]`` text-mode states.
+            text_attention_mask (Tensor): ``[P, L]``.
+            image_index (Optional[Tensor]): ``[P]`` row of ``image_embeddings`` for each pair;
+                each distinct image's keys/values are then projected once per layer.
+        """
+        fused = self.fusion_encoder(
+            text_embeddings, text_attention_mask, image_embeddings, image_index=image_index
+        ).last_hidden_state
+        return self.itm_head(fused[:, 0])
+
+    def itm_scores(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        text_attention_mask: Tensor,
+        image_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Match logit ``[P]`` (ITM class 1) of each pair; arguments as in :meth:`itm_logits`."""
+        return self.itm_logits(image_embeddings, text_embeddings, text_attention_mask, image_index)[:, 1]
+
+    def forward(
+        self,
+        image: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        idx: Tensor,
+        alpha: float = 0.0,
+    ) -> ALBEFRetrievalOutput:
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        idx = idx.view(-1)
+        batch_size = image.size(0)
+        image_enc = self.encode_image(image)
+        text_enc = self.encode_text(input_ids, attention_mask)
+
+        # ITC against momentum features of the batch and the queue: [B, B + Q].
+        idx_all = torch.cat([idx, self.queue.idx_queue[0]])
+        sim_targets = contrastive_targets(idx, idx_all)
+        with torch.no_grad():
+            momentum_update(*self._momentum_pairs(), self.momentum)
+            image_m = self.vision_encoder_m(image).last_hidden_state
+            image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
+            text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool())
+            text_feat_m = F.normalize(self.text_proj_m(text_m.last_hidden_state[:, 0]), dim=-1).float()
+            image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue.clone()], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue.clone()], dim=1)
+            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
+            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+        # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.
+        sim_i2t = image_enc.features.float() @ text_feat_all / self.temp
+        sim_t2i = text_enc.features.float() @ image_feat_all / self.temp
+        loss_itc = self.itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, sim_targets, alpha)
+        self.queue.enqueue(image_feat_m, text_feat_m, idx)
+
+        # ITM on [positives; (text, hard-negative image); (hard-negative text, image)], one
+        # fusion pass where each image's keys/values are projected once.
+        negatives = sample_hard_negatives(sim_i2t[:, :batch_size], sim_t2i[:, :batch_size], idx)
+        batch = torch.arange(batch_size, device=image.device)
+        text_index = torch.cat([batch, batch, negatives.text_for_image])
+        image_index = torch.cat([batch, negatives.image_for_text, batch])
+        logits = self.itm_logits(
+            image_enc.embeddings,
+            text_enc.embeddings[text_index],
+            attention_mask[text_index],
+            image_index=image_index,
+        )
+        loss_itm = F.cross_entropy(logits.float(), itm_labels(batch_size, image.device))
+        return ALBEFRetrievalOutput(loss_itc + loss_itm, loss_itc, loss_itm)
+
+
+def albef_model_for_retrieval(
+    preset: str = "base",
+    *,
+    image_size: Optional[int] = None,
+    patch_size: Optional[int] = None,
+    vision_width: Optional[int] = None,
+    vision_depth: Optional[int] = None,
+    vision_heads: Optional[int] = None,
+    vision_mlp_dim: Optional[int] = None,
+    text_width: Optional[int] = None,
+    text_layers: Optional[int] = None,
+    fusion_layers: Optional[int] = None,
+    text_heads: Optional[int] = None,
+    text_ffn_dim: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    embed_dim: Optional[int] = None,
+    queue_size: Optional[int] = None,
+    momentum: float = 0.995,
+    temp: float = 0.07,
+    max_position_embeddings: int = 512,
+    pad_token_id: int = 0,
+    dropout: float = 0.1,
+    drop_path_rate: float = 0.0,
+) -> ALBEFForRetrieval:
+    """Builds ALBEF for image-text retrieval.
+
+    Args:
+        preset (str): ``"base"`` (the paper: ViT-B/16 at 384 px, BERT-base split at layer 6,
+            256-d ITC, 65,536-entry queues) or ``"tiny"`` (CPU debugging on the shapes world).
+        image_size, patch_size, vision_width, vision_depth, vision_heads, vision_mlp_dim: ViT
+            sizes; ``None`` takes the preset's value.
+        text_width, text_layers, fusion_layers, text_heads, text_ffn_dim, vocab_size: BERT sizes
+            (``text_layers`` text-only layers, then ``fusion_layers`` cross-attention layers).
+        embed_dim (Optional[int]): ITC feature size.
+        queue_size (Optional[int]): feature-queue length.
+        momentum (float): EMA coefficient of the momentum encoders (0.995).
+        temp (float): initial ITC temperature (0.07).
+        max_position_embeddings (int): text position table size.
+        pad_token_id (int): tokenizer padding id.
+        dropout (float): BERT hidden dropout (0.1); the ViT uses none, as in ALBEF.
+        drop_path_rate (float): ViT stochastic depth (0 in ALBEF fine-tuning).
+
+    Returns:
+        ALBEFForRetrieval
+    """
+    if preset not in ALBEF_PRESETS:
+        raise ValueError(f"unknown ALBEF preset {preset!r}; choose one of {sorted(ALBEF_PRESETS)}")
+    given = dict(
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_width=vision_width,
+        vision_depth=vision_depth,
+        vision_heads=vision_heads,
+        vision_mlp_dim=vision_mlp_dim,
+        text_width=text_width,
+        text_layers=text_layers,
+        fusion_layers=fusion_layers,
+        text_heads=text_heads,
+        text_ffn_dim=text_ffn_dim,
+        vocab_size=vocab_size,
+        embed_dim=embed_dim,
+        queue_size=queue_size,
+    )
+    cfg = {k: (v if v is not None else ALBEF_PRESETS[preset][k]) for k, v in given.items()}
+    vision_encoder = VisionTransformer(
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        width=cfg["vision_width"],
+        depth=cfg["vision_depth"],
+        num_heads=cfg["vision_heads"],
+        mlp_dim=cfg["vision_mlp_dim"],
+        drop_path_rate=drop_path_rate,
+    )
+    text_encoder = albef_text_encoder(
+        vocab_size=cfg["vocab_size"],
+        width=cfg["text_width"],
+        num_layers=cfg["text_layers"],
+        num_heads=cfg["text_heads"],
+        ffn_dim=cfg["text_ffn_dim"],
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        dropout=dropout,
+    )
+    fusion_encoder = ALBEFFusionEncoder(
+        width=cfg["text_width"],
+        image_width=cfg["vision_width"],
+        num_layers=cfg["fusion_layers"],
+        num_heads=cfg["text_heads"],
+        ffn_dim=cfg["text_ffn_dim"],
+        dropout=dropout,
+    )
+    return ALBEFForRetrieval(
+        vision_encoder,
+        text_encoder,
+        fusion_encoder,
+        embed_dim=cfg["embed_dim"],
+        queue_size=cfg["queue_size"],
+        momentum=momentum,
+        temp=temp,
+    )

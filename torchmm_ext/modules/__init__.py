@@ -1,0 +1,1 @@
+"""torchmm_ext.modules."""

@@ -1,0 +1,310 @@
+"""ALBEF's text encoder (BERT layers 0..fusion_layer-1) and fusion encoder (the remaining layers,
+each with cross-attention to the image tokens).
+
+The text encoder is torchmultimodal's ``BERTTextEncoder`` (``BERTTextEmbeddings`` + a
+transformer encoder). ``bert_text_encoder`` itself builds FLAVA transformer layers whose
+attention is an explicit matmul-softmax; we pass ``BERTTextEncoder`` an encoder made of
+torchmultimodal's ``TransformerEncoderLayer`` (post-norm, BERT layout) instead, whose
+``MultiHeadSelfAttention`` calls ``F.scaled_dot_product_attention``.
+
+The fusion layers are assembled from the same primitives (``MultiHeadSelfAttention``,
+``MultiHeadAttentionWithCache`` for cross-attention, ``MLP``, ``Fp32LayerNorm``) rather than
+``ALBEFMultimodalEncoder``, for two reasons: its attention is not SDPA, and ITM scoring of many
+(image, text) pairs that share images is much cheaper when each layer projects an image's
+keys/values once and gathers them per pair (``image_index``), which it cannot do.
+"""
+
+from typing import List, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn, Tensor
+from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
+from torchmultimodal.modules.layers.mlp import MLP
+from torchmultimodal.modules.layers.multi_head_attention import (
+    MultiHeadAttentionWithCache,
+    MultiHeadSelfAttention,
+)
+from torchmultimodal.modules.layers.normalizations import Fp32LayerNorm
+from torchmultimodal.modules.layers.text_embedding import BERTTextEmbeddings
+from torchmultimodal.modules.layers.transformer import (
+    TransformerEncoder,
+    TransformerOutput,
+)
+
+from torchmm_ext.modules.attention import cross_attention_with_probs
+
+
+def padding_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, L]`` 1/0 padding mask -> boolean ``[B, 1, 1, L]`` SDPA mask (True = attend)."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT's initialisation: normal(0, std) for Linear/Embedding, zero bias, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class SDPATransformerEncoder(TransformerEncoder):
+    """torchmultimodal ``TransformerEncoder`` with the call signature ``BERTTextEncoder`` uses.
+
+    ``BERTTextEncoder`` passes ``return_attn_weights``; SDPA never materialises the weights, so
+    asking for them is an error rather than a silent ``None``.
+    """
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        return_attn_weights: bool = False,
+        return_hidden_states: bool = False,
+    ) -> TransformerOutput:
+        if return_attn_weights:
+            raise NotImplementedError("the SDPA text encoder does not return attention weights")
+        return super().forward(hidden_states, attention_mask, return_hidden_states)
+
+
+def albef_text_encoder(
+    *,
+    vocab_size: int = 30522,
+    width: int = 768,
+    num_layers: int = 6,
+    num_heads: int = 12,
+    ffn_dim: int = 3072,
+    max_position_embeddings: int = 512,
+    pad_token_id: int = 0,
+    dropout: float = 0.1,
+    layer_norm_eps: float = 1e-12,
+) -> BERTTextEncoder:
+    """Builds ALBEF's text encoder: BERT embeddings and the first ``num_layers`` BERT layers.
+
+    Args:
+        vocab_size (int): tokenizer vocabulary size.
+        width (int): hidden size.
+        num_layers (int): text-only layers (6 in ALBEF: BERT-base split at ``fusion_layer=6``).
+        num_heads (int): attention heads.
+        ffn_dim (int): feed-forward hidden size.
+        max_position_embeddings (int): position table size.
+        pad_token_id (int): padding id (its embedding row starts at zero).
+        dropout (float): hidden dropout.
+        layer_norm_eps (float): LayerNorm epsilon (1e-12 in BERT).
+
+    Returns:
+        BERTTextEncoder: call it as ``encoder(input_ids, attention_mask=mask.bool())``; it returns
+        a ``TransformerOutput`` whose ``last_hidden_state`` is ``[B, L, width]``.
+    """
+    embeddings = BERTTextEmbeddings(
+        hidden_size=width,
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        max_position_embeddings=max_position_embeddings,
+        layer_norm_eps=layer_norm_eps,
+        dropout=dropout,
+    )
+    encoder = SDPATransformerEncoder(
+        n_layer=num_layers,
+        d_model=width,
+        n_head=num_heads,
+        dim_feedforward=ffn_dim,
+        dropout=dropout,
+        activation=nn.GELU,
+        layer_norm_eps=layer_norm_eps,
+        norm_first=False,
+    )
+    text_encoder = BERTTextEncoder(embeddings=embeddings, encoder=encoder)
+    init_bert_weights(text_encoder)
+    return text_encoder
+
+
+class FusionOutput(NamedTuple):
+    """Output of :class:`ALBEFFusionEncoder`.
+
+    Attributes:
+        last_hidden_state (Tensor): fused text states ``[P, L, D]``.
+        cross_attention (Optional[Tensor]): cross-attention probabilities ``[P, H, L, N]`` of
+            the requested layer (they keep their autograd graph, for Grad-CAM).
+        hidden_states (Optional[List[Tensor]]): each layer's output, when requested.
+    """
+
+    last_hidden_state: Tensor
+    cross_attention: Optional[Tensor] = None
+    hidden_states: Optional[List[Tensor]] = None
+
+
+class FusionLayer(nn.Module):
+    """BERT layer with cross-attention (post-norm): self-attention, cross-attention to the image
+    tokens, feed-forward, each followed by residual + LayerNorm.
+
+    Args:
+        width (int): text hidden size.
+        image_width (int): image token size (keys/values of the cross-attention).
+        num_heads (int): attention heads.
+        ffn_dim (int): feed-forward hidden size.
+        dropout (float): hidden dropout.
+        layer_norm_eps (float): LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        image_width: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(width, num_heads)
+        self.attention_dropout = nn.Dropout(dropout)
+        self.attention_layernorm = Fp32LayerNorm(width, eps=layer_norm_eps)
+        self.cross_attention = MultiHeadAttentionWithCache(width, image_width, num_heads)
+        self.cross_attention_dropout = nn.Dropout(dropout)
+        self.cross_attention_layernorm = Fp32LayerNorm(width, eps=layer_norm_eps)
+        self.feedforward = MLP(width, width, ffn_dim, dropout=dropout, activation=nn.GELU)
+        self.feedforward_dropout = nn.Dropout(dropout)
+        self.feedforward_layernorm = Fp32LayerNorm(width, eps=layer_norm_eps)
+
+    def _cross_attend(
+        self,
+        x: Tensor,
+        image_embeddings: Tensor,
+        image_index: Optional[Tensor],
+        image_mask: Optional[Tensor],
+    ) -> Tensor:
+        attn = self.cross_attention
+        b, length, d = x.shape
+        h = attn.num_heads
+        # Keys/values are projected once per distinct image, then gathered per pair.
+        k = attn.k_proj(image_embeddings)
+        v = attn.v_proj(image_embeddings)
+        if image_index is not None:
+            k, v = k[image_index], v[image_index]
+        q = attn.q_proj(x).view(b, length, h, d // h).transpose(1, 2)
+        k = k.view(b, -1, h, d // h).transpose(1, 2)
+        v = v.view(b, -1, h, d // h).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, image_mask, attn.dropout if self.training else 0.0
+        )
+        return attn.output_proj(out.transpose(1, 2).reshape(b, length, d))
+
+    def forward(
+        self,
+        x: Tensor,
+        text_mask: Tensor,
+        image_embeddings: Tensor,
+        image_index: Optional[Tensor] = None,
+        image_mask: Optional[Tensor] = None,
+        return_cross_attention: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """
+        Inputs:
+            x (Tensor): text states ``[P, L, D]``.
+            text_mask (Tensor): boolean SDPA mask ``[P, 1, 1, L]``.
+            image_embeddings (Tensor): ``[P, N, Dv]``, or ``[U, N, Dv]`` with ``image_index``.
+            image_index (Optional[Tensor]): ``[P]`` row of ``image_embeddings`` for each pair.
+            image_mask (Optional[Tensor]): boolean ``[P, 1, 1, N]`` mask of image tokens.
+            return_cross_attention (bool): compute the cross-attention explicitly and return
+                its probabilities.
+
+        Returns:
+            Tuple of the new states ``[P, L, D]`` and the probabilities (or ``None``).
+        """
+        x = self.attention_layernorm(x + self.attention_dropout(self.attention(x, text_mask)))
+        probs = None
+        if return_cross_attention:
+            images = image_embeddings if image_index is None else image_embeddings[image_index]
+            cross, probs = cross_attention_with_probs(self.cross_attention, x, images, image_mask)
+        else:
+            cross = self._cross_attend(x, image_embeddings, image_index, image_mask)
+        x = self.cross_attention_layernorm(x + self.cross_attention_dropout(cross))
+        x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x)))
+        return x, probs
+
+
+class ALBEFFusionEncoder(nn.Module):
+    """ALBEF's fusion encoder: BERT layers ``fusion_layer..11`` with cross-attention.
+
+    Args:
+        width (int): text hidden size.
+        image_width (int): image token size.
+        num_layers (int): number of fusion layers (6 in ALBEF).
+        num_heads (int): attention heads.
+        ffn_dim (int): feed-forward hidden size.
+        dropout (float): hidden dropout.
+        layer_norm_eps (float): LayerNorm epsilon.
+
+    Inputs:
+        text_embeddings (Tensor): text-encoder states ``[P, L, D]``.
+        text_attention_mask (Tensor): ``[P, L]`` 1/0 padding mask.
+        image_embeddings (Tensor): ``[P, N, Dv]``, or ``[U, N, Dv]`` distinct images with
+            ``image_index``.
+        image_index (Optional[Tensor]): ``[P]`` index into ``image_embeddings`` per pair.
+        image_attention_mask (Optional[Tensor]): ``[P, N]`` 1/0 mask of image tokens.
+        return_cross_attention_layer (Optional[int]): fusion layer (0-based, within this
+            encoder) whose cross-attention probabilities to return.
+        return_hidden_states (bool): also return each layer's output.
+
+    Returns:
+        FusionOutput
+    """
+
+    def __init__(
+        self,
+        width: int = 768,
+        image_width: int = 768,
+        num_layers: int = 6,
+        num_heads: int = 12,
+        ffn_dim: int = 3072,
+        dropout: float = 0.1,
+        layer_norm_eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            FusionLayer(width, image_width, num_heads, ffn_dim, dropout, layer_norm_eps)
+            for _ in range(num_layers)
+        )
+        init_bert_weights(self)
+
+    def forward(
+        self,
+        text_embeddings: Tensor,
+        text_attention_mask: Tensor,
+        image_embeddings: Tensor,
+        image_index: Optional[Tensor] = None,
+        image_attention_mask: Optional[Tensor] = None,
+        return_cross_attention_layer: Optional[int] = None,
+        return_hidden_states: bool = False,
+    ) -> FusionOutput:
+        text_mask = padding_mask(text_attention_mask)
+        image_mask = None
+        if image_attention_mask is not None:
+            image_mask = padding_mask(image_attention_mask)
+            if image_index is not None:
+                image_mask = image_mask[image_index]
+        x = text_embeddings
+        cross_attention = None
+        hidden_states: List[Tensor] = []
+        for i, layer in enumerate(self.layer):
+            x, probs = layer(
+                x,
+                text_mask,
+                image_embeddings,
+                image_index,
+                image_mask,
+                return_cross_attention=(i == return_cross_attention_layer),
+            )
+            if probs is not None:
+                cross_attention = probs
+            if return_hidden_states:
+                hidden_states.append(x)
+        return FusionOutput(x, cross_attention, hidden_states if return_hidden_states else None)

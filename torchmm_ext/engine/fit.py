@@ -1,0 +1,167 @@
+"""The epoch driver every recipe shares: resume, train, checkpoint, evaluate, keep the best.
+
+A recipe builds its data, model, optimizer and step function, then calls :func:`fit`. One
+implementation of resume/checkpoint/best-model logic serves every task.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+from torch import nn
+
+from torchmm_ext.engine.checkpoint import (
+    BEST_CHECKPOINT,
+    build_train_state,
+    LAST_CHECKPOINT,
+    resolve_resume_path,
+    restore_train_state,
+    save_checkpoint,
+    unwrap_model,
+)
+from torchmm_ext.engine.distributed import barrier, is_main_process
+from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
+from torchmm_ext.engine.train_loop import StepFn, train_one_epoch
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Training hyperparameters shared by every recipe (the ``train:`` config section).
+
+    Attributes:
+        epochs (int): training epochs.
+        batch_size (int): per-process batch size.
+        lr (float): peak learning rate.
+        min_lr (float): final learning rate of the cosine schedule.
+        weight_decay (float): AdamW weight decay (not applied to biases, norms, embeddings'
+            CLS/position tokens).
+        warmup_epochs (float): linear warm-up length in epochs (from ``min_lr``).
+        grad_clip (Optional[float]): global gradient-norm clip; None disables.
+        precision (str): ``fp32``, ``bf16`` or ``auto`` (bf16 on GPUs and AMX CPUs).
+        seed (int): global seed (offset by rank).
+        num_workers (int): data-loader worker processes per rank.
+        log_every (int): steps between progress/TensorBoard updates.
+        checkpoint_every (int): steps between mid-epoch checkpoints (0: epoch ends only).
+        max_steps_per_epoch (Optional[int]): cut every epoch short (smoke tests).
+        eval_every (int): evaluate on the validation split every this many epochs (and after
+            the last one).
+    """
+
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.02
+    warmup_epochs: float = 0.0
+    grad_clip: Optional[float] = None
+    precision: str = "auto"
+    seed: int = 42
+    num_workers: int = 4
+    log_every: int = 50
+    checkpoint_every: int = 0
+    max_steps_per_epoch: Optional[int] = None
+    eval_every: int = 1
+
+
+def fit(
+    *,
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step_fn: StepFn,
+    train_cfg: TrainConfig,
+    device: torch.device,
+    output_dir: Path,
+    config_dict: Mapping[str, Any],
+    evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
+    best_metric_key: Optional[str] = None,
+    resume: Optional[str] = None,
+    metric_logger: Optional[MetricLogger] = None,
+) -> Optional[float]:
+    """Train for ``train_cfg.epochs`` epochs with checkpoints, evaluation and resume.
+
+    Writes ``checkpoint_last.pth`` (full train state: model, optimizer, scheduler, data-loader
+    position, RNG) at every epoch end and every ``checkpoint_every`` steps, and
+    ``checkpoint_best.pth`` (model weights, epoch and metrics) whenever
+    ``evaluate_fn(epoch)[best_metric_key]`` improves. Both are written atomically.
+
+    Args:
+        model (nn.Module): the (possibly DDP-wrapped) model.
+        loader (Any): a ``StatefulDataLoader`` whose sampler has ``set_epoch``.
+        optimizer (torch.optim.Optimizer): the optimizer.
+        scheduler (Any): per-step LR scheduler.
+        step_fn (StepFn): ``(model, batch, ctx) -> StepOutput``.
+        train_cfg (TrainConfig): the ``train:`` section.
+        device (torch.device): compute device.
+        output_dir (Path): checkpoints, metrics and TensorBoard logs go here.
+        config_dict (Mapping[str, Any]): the full config, stored in checkpoints.
+        evaluate_fn (Optional[Callable[[int], Dict[str, float]]]): validation metrics of an
+            epoch (called on every rank).
+        best_metric_key (Optional[str]): key of ``evaluate_fn``'s result to maximise.
+        resume (Optional[str]): a checkpoint path, ``"auto"`` (the last one in
+            ``output_dir``) or None.
+        metric_logger (Optional[MetricLogger]): TensorBoard/JSON logger (rank 0).
+
+    Returns:
+        Optional[float]: the best validation metric (None without ``evaluate_fn``).
+    """
+    start_epoch, start_step, global_step, best = 0, 0, 0, None
+    resume_path = resolve_resume_path(resume, output_dir)
+    if resume_path is not None:
+        info = restore_train_state(resume_path, model, optimizer, scheduler, loader)
+        start_epoch, start_step, global_step, best = (
+            info.epoch, info.step_in_epoch, info.global_step, info.best_metric
+        )
+        logger.info(f"resumed from {resume_path}: epoch {start_epoch}, step {start_step}")
+
+    def save_last(epoch: int, step_in_epoch: int, step: int) -> None:
+        state = build_train_state(
+            model, optimizer, scheduler, loader, epoch, step_in_epoch, step,
+            config=config_dict, best_metric=best,
+        )  # collective: every rank contributes its RNG and loader state
+        if is_main_process():
+            save_checkpoint(output_dir / LAST_CHECKPOINT, state)
+
+    for epoch in range(start_epoch, train_cfg.epochs):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        result = train_one_epoch(
+            model, loader, optimizer, scheduler, step_fn,
+            epoch=epoch,
+            device=device,
+            precision=train_cfg.precision,
+            grad_clip=train_cfg.grad_clip,
+            log_every=train_cfg.log_every,
+            metric_logger=metric_logger,
+            global_step=global_step,
+            start_step=start_step,
+            checkpoint_fn=save_last,
+            checkpoint_every=train_cfg.checkpoint_every,
+            max_steps=train_cfg.max_steps_per_epoch,
+        )
+        global_step, start_step = result.global_step, 0
+        epoch_metrics: Dict[str, Any] = {f"train/{k}": v for k, v in result.metrics.items()}
+
+        last_epoch = epoch + 1 == train_cfg.epochs
+        if evaluate_fn is not None and ((epoch + 1) % train_cfg.eval_every == 0 or last_epoch):
+            val = evaluate_fn(epoch)
+            epoch_metrics.update({f"val/{k}": v for k, v in val.items()})
+            if best_metric_key is not None and (best is None or val[best_metric_key] > best):
+                best = val[best_metric_key]
+                if is_main_process():
+                    save_checkpoint(
+                        output_dir / BEST_CHECKPOINT,
+                        {"model": unwrap_model(model).state_dict(), "epoch": epoch,
+                         "metrics": dict(val), "config": dict(config_dict)},
+                    )
+                logger.info(f"epoch {epoch}: new best {best_metric_key} = {best:.2f}")
+        save_last(epoch + 1, 0, global_step)
+        if metric_logger is not None:
+            metric_logger.log_epoch(epoch, epoch_metrics, step=global_step)
+        logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()))
+        barrier()
+    return best

@@ -27,6 +27,7 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import (
     autocast_context,
+    barrier,
     build_cosine_scheduler,
     build_optimizer,
     check_kwargs,
@@ -112,7 +113,11 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
     if cfg.shapes is None:
         return None
     params = config_to_dict(cfg.shapes)
+    if not is_main_process():
+        barrier()  # rank 0 generates, the others then read its cache
     world = cached_shapes_world(params.pop("cache_dir"), **params)
+    if is_main_process():
+        barrier()
     cfg.train_file = [str(world.retrieval_train)]
     cfg.val_file, cfg.test_file = str(world.retrieval_val), str(world.retrieval_test)
     cfg.image_root = str(world.image_root)

@@ -1,0 +1,117 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torchmm_ext.models.albef import albef_model_for_retrieval, ALBEF_PRESETS
+
+
+def tiny(**kw):
+    args = dict(vocab_size=64, image_size=32, patch_size=8, vision_width=32, vision_depth=2,
+                vision_heads=4, vision_mlp_dim=64, text_width=32, text_layers=1, fusion_layers=1,
+                text_heads=4, text_ffn_dim=64, embed_dim=16, queue_size=12)
+    args.update(kw)
+    return albef_model_for_retrieval("tiny", **args)
+
+
+def batch(b=4, length=7, vocab=64):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (b, length), generator=g)
+    ids[:, 0] = 2
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0
+    return torch.randn(b, 3, 32, 32, generator=g), ids, mask, torch.tensor([0, 0, 1, 2])
+
+
+def test_presets_and_unknown_preset():
+    assert ALBEF_PRESETS["base"]["vision_width"] == 768 and ALBEF_PRESETS["base"]["image_size"] == 384
+    with pytest.raises(ValueError, match="unknown ALBEF preset 'huge'.*base.*tiny"):
+        albef_model_for_retrieval("huge")
+
+
+def test_encode_and_score_shapes():
+    model = tiny().eval()
+    images, ids, mask, _ = batch()
+    img = model.encode_image(images)
+    txt = model.encode_text(ids, mask)
+    assert img.embeddings.shape == (4, 17, 32) and img.features.shape == (4, 16)
+    assert txt.embeddings.shape == (4, 7, 32) and txt.features.shape == (4, 16)
+    torch.testing.assert_close(img.features.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(txt.features.norm(dim=-1), torch.ones(4))
+    # Indexed ITM equals ITM on explicitly gathered images.
+    index = torch.tensor([1, 1, 3, 0])
+    gathered = model.itm_scores(img.embeddings[index], txt.embeddings, mask)
+    indexed = model.itm_scores(img.embeddings, txt.embeddings, mask, image_index=index)
+    assert indexed.shape == (4,)
+    torch.testing.assert_close(indexed, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_momentum_copies_start_equal_and_are_frozen():
+    model = tiny()
+    for online, copy in zip(*model._momentum_pairs()):
+        for p, p_m in zip(online.parameters(), copy.parameters()):
+            assert torch.equal(p, p_m) and not p_m.requires_grad
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith("_m") or "_m." in n for n in trainable)
+    assert "temp" in trainable
+
+
+def test_forward_updates_momentum_and_queue():
+    torch.manual_seed(0)
+    model = tiny(momentum=0.5, dropout=0.0)
+    images, ids, mask, idx = batch()
+    with torch.no_grad():  # move the online weights away from the momentum copy
+        for p in model.vision_proj.parameters():
+            p.add_(1.0)
+    online_w = model.vision_proj.weight.detach().clone()
+    momentum_w = model.vision_proj_m.weight.detach().clone()
+    out = model(images, ids, mask, idx, alpha=0.4)
+    assert torch.isfinite(out.loss) and out.loss > 0
+    torch.testing.assert_close(out.loss, out.loss_itc + out.loss_itm)
+    torch.testing.assert_close(model.vision_proj_m.weight, 0.5 * momentum_w + 0.5 * online_w)
+    assert int(model.queue.ptr) == 4
+    assert model.queue.idx_queue[0, :4].tolist() == idx.tolist()
+    assert (model.queue.idx_queue[0, 4:] == -100).all()
+    # The queued text features are the momentum encoder's, normalised.
+    with torch.no_grad():
+        text_m = model.text_encoder_m(ids, attention_mask=mask.bool()).last_hidden_state[:, 0]
+        expected = F.normalize(model.text_proj_m(text_m), dim=-1)
+    torch.testing.assert_close(model.queue.text_queue[:, :4].T, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_itm_loss_is_cross_entropy_over_positives_and_hard_negatives(monkeypatch):
+    # With fixed negatives, the ITM loss equals cross-entropy of the ITM head on the
+    # [positive; (text, negative image); (negative text, image)] pairs, computed separately.
+    import torchmm_ext.models.albef as albef
+    from torchmm_ext.modules.losses import HardNegatives
+
+    model = tiny().eval()  # no dropout
+    images, ids, mask, idx = batch()
+    neg = HardNegatives(image_for_text=torch.tensor([2, 3, 0, 1]), text_for_image=torch.tensor([3, 2, 1, 0]))
+    monkeypatch.setattr(albef, "sample_hard_negatives", lambda *a: neg)
+    out = model(images, ids, mask, idx, alpha=0.0)
+    with torch.no_grad():
+        img = model.encode_image(images).embeddings
+        txt = model.encode_text(ids, mask).embeddings
+        logits = torch.cat([
+            model.itm_logits(img, txt, mask),
+            model.itm_logits(img[neg.image_for_text], txt, mask),
+            model.itm_logits(img, txt[neg.text_for_image], mask[neg.text_for_image]),
+        ])
+    labels = torch.tensor([1] * 4 + [0] * 8)
+    torch.testing.assert_close(out.loss_itm, F.cross_entropy(logits, labels), atol=1e-5, rtol=1e-5)
+
+
+def test_temperature_is_clamped():
+    model = tiny(temp=0.9)
+    images, ids, mask, idx = batch()
+    model(images, ids, mask, idx)
+    assert float(model.temp) == pytest.approx(0.5)
+
+
+def test_backward_reaches_every_trainable_parameter():
+    model = tiny()
+    images, ids, mask, idx = batch()
+    model(images, ids, mask, idx, alpha=0.4).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []

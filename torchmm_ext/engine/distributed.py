@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchmultimodal.utils.distributed import BackpropType, concat_gather_all_gpu
 
 
 class DistInfo(NamedTuple):
@@ -118,10 +119,7 @@ def all_gather_no_grad(tensor: Tensor) -> Tensor:
     """
     if not is_dist_ready() or get_world_size() == 1:
         return tensor
-    tensor = tensor.detach().contiguous()
-    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
-    dist.all_gather(out, tensor)
-    return torch.cat(out, dim=0)
+    return concat_gather_all_gpu(tensor.detach().contiguous(), BackpropType.NONE)
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -4,6 +4,7 @@ from typing import Iterable
 
 import torch
 from torch import nn, Tensor
+from torchmultimodal.utils.distributed import BackpropType, concat_gather_all_gpu
 
 
 @torch.no_grad()
@@ -28,15 +29,6 @@ def momentum_update(
             params_m.append(p_m)
     if params_m:
         torch._foreach_lerp_(params_m, params, 1.0 - momentum)
-
-
-def concat_all_gather(tensor: Tensor) -> Tensor:
-    """All-gather along dim 0 without gradient (identity outside torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
 
 
 class FeatureQueue(nn.Module):
@@ -73,9 +65,9 @@ class FeatureQueue(nn.Module):
             text_feat (Tensor): ``[B, E]`` normalised momentum text features.
             idx (Tensor): ``[B]`` image ids.
         """
-        image_feat = concat_all_gather(image_feat.float())
-        text_feat = concat_all_gather(text_feat.float())
-        idx = concat_all_gather(idx.view(-1).long())
+        image_feat = concat_gather_all_gpu(image_feat.float().contiguous(), BackpropType.NONE)
+        text_feat = concat_gather_all_gpu(text_feat.float().contiguous(), BackpropType.NONE)
+        idx = concat_gather_all_gpu(idx.view(-1).long().contiguous(), BackpropType.NONE)
         n = image_feat.size(0)
         if n > self.size:  # keep the newest entries only
             image_feat, text_feat, idx = image_feat[-self.size :], text_feat[-self.size :], idx[-self.size :]

@@ -183,3 +183,23 @@ def test_hard_negatives_errors_and_fallback():
 
 def test_itm_labels():
     assert itm_labels(2, torch.device("cpu")).tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_fusion_cls_only_equals_first_token_of_full_output():
+    fusion = ALBEFFusionEncoder(width=32, image_width=24, num_layers=2, num_heads=4, ffn_dim=64).eval()
+    images, text = torch.randn(3, 10, 24), torch.randn(4, 6, 32)
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[2, 3:] = 0
+    index = torch.tensor([0, 2, 1, 1])
+    full = fusion(text, mask, images, image_index=index).last_hidden_state
+    cls = fusion(text, mask, images, image_index=index, cls_only=True).last_hidden_state
+    assert cls.shape == (4, 1, 32)
+    torch.testing.assert_close(cls, full[:, :1], atol=1e-5, rtol=1e-5)
+
+
+def test_feedforward_blocks_have_no_dropout_after_gelu():
+    # BERT: dense -> GELU -> dense -> dropout; torchmultimodal's MLP would add one after GELU.
+    text = albef_text_encoder(vocab_size=50, width=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.1)
+    fusion = ALBEFFusionEncoder(width=32, image_width=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.1)
+    for mlp in (text.encoder.layer[0].feedforward, fusion.layer[0].feedforward):
+        assert [type(m).__name__ for m in mlp.model] == ["Linear", "GELU", "Linear"]

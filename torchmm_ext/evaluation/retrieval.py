@@ -508,7 +508,9 @@ def evaluate_retrieval(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # One outer precision context for the whole evaluation: autocast then casts each
+        # weight once and reuses it (inner contexts would re-cast per call).
+        with torch.no_grad(), precision_ctx():
             text_embeds, text_masks, text_feats = _encode_texts(
                 model, texts, tokenizer, device, text_batch_size, max_length, precision_ctx, show
             )
@@ -519,7 +521,8 @@ def evaluate_retrieval(
             positions = torch.arange(1, text_masks.size(1) + 1, device=text_masks.device)
             text_lengths = ((text_masks != 0).long() * positions).amax(dim=1)  # [N_txt]
 
-            sims = image_feats @ text_feats.to(image_feats.device).t()  # [N_img, N_txt] fp32
+            with torch.autocast(image_feats.device.type, enabled=False):
+                sims = image_feats @ text_feats.to(image_feats.device).t()  # [N_img, N_txt] fp32
 
             common = dict(
                 model=model,

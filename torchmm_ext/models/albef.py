@@ -186,7 +186,8 @@ class ALBEFForRetrieval(nn.Module):
                 each distinct image's keys/values are then projected once per layer.
         """
         fused = self.fusion_encoder(
-            text_embeddings, text_attention_mask, image_embeddings, image_index=image_index
+            text_embeddings, text_attention_mask, image_embeddings, image_index=image_index,
+            cls_only=True,
         ).last_hidden_state
         return self.itm_head(fused[:, 0])
 
@@ -224,8 +225,9 @@ class ALBEFForRetrieval(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
             text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool())
             text_feat_m = F.normalize(self.text_proj_m(text_m.last_hidden_state[:, 0]), dim=-1).float()
-            image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue.clone()], dim=1)
-            text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue.clone()], dim=1)
+            # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
+            image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
+            text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
             sim_i2t_m = image_feat_m @ text_feat_all / self.temp
             sim_t2i_m = text_feat_m @ image_feat_all / self.temp
         # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.

@@ -115,3 +115,41 @@ def test_backward_reaches_every_trainable_parameter():
     model(images, ids, mask, idx, alpha=0.4).loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
+
+
+def _in_batch_itc(image_feat, text_cols, text_feat, image_cols, temp):
+    targets = torch.eye(image_feat.size(0))
+    i2t = -(F.log_softmax(image_feat @ text_cols.T / temp, dim=1) * targets).sum(1).mean()
+    t2i = -(F.log_softmax(text_feat @ image_cols.T / temp, dim=1) * targets).sum(1).mean()
+    return (i2t + t2i) / 2
+
+
+def test_empty_queue_slots_are_not_negatives():
+    # A fresh queue holds only empty slots: the ITC loss is then the in-batch loss against
+    # the momentum features, as if there were no queue at all.
+    model = tiny(momentum=0.0, dropout=0.0).eval()
+    images, ids, mask, _ = batch()
+    idx = torch.arange(4)
+    out = model(images, ids, mask, idx, alpha=0.0)
+    with torch.no_grad():
+        img, txt = model.encode_image(images).features, model.encode_text(ids, mask).features
+    # momentum=0: the momentum copies equal the online encoders.
+    torch.testing.assert_close(out.loss_itc, _in_batch_itc(img, txt, txt, img, model.temp), atol=1e-5, rtol=1e-5)
+
+
+def test_no_queue_and_online_batch_columns():
+    images, ids, mask, _ = batch()
+    idx = torch.arange(4)
+    losses = {}
+    for online in (True, False):
+        torch.manual_seed(0)
+        model = tiny(queue_size=0, itc_online_batch=online, dropout=0.0).eval()
+        with torch.no_grad():  # online projections move away from their momentum copies
+            model.text_proj.weight.add_(torch.randn_like(model.text_proj.weight))
+            model.vision_proj.weight.add_(torch.randn_like(model.vision_proj.weight))
+        losses[online] = model(images, ids, mask, idx, alpha=0.0).loss_itc
+        img, txt = model.encode_image(images).features, model.encode_text(ids, mask).features
+        if online:
+            expected = _in_batch_itc(img, txt, txt, img, model.temp)
+            torch.testing.assert_close(losses[online], expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(losses[True], losses[False])

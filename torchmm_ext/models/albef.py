@@ -59,6 +59,11 @@ ALBEF_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+# Similarity given to empty queue slots: exp() underflows to 0 in fp32 while 0 * log_softmax
+# stays finite (-inf would give NaN).
+_MASKED = -1e4
+
+
 class ImageEncoding(NamedTuple):
     """Attributes:
     embeddings (Tensor): all image tokens ``[B, N, Dv]`` (CLS first).
@@ -108,6 +113,7 @@ class ALBEFForRetrieval(nn.Module):
         queue_size (int): entries in each feature queue.
         momentum (float): EMA coefficient of the momentum encoders.
         temp (float): initial temperature (learnable, clamped to [0.001, 0.5]).
+        itc_online_batch (bool): see :func:`albef_model_for_retrieval`.
 
     Inputs (forward):
         image (Tensor): ``[B, 3, H, W]``.
@@ -129,8 +135,10 @@ class ALBEFForRetrieval(nn.Module):
         queue_size: int = 65536,
         momentum: float = 0.995,
         temp: float = 0.07,
+        itc_online_batch: bool = False,
     ) -> None:
         super().__init__()
+        self.itc_online_batch = itc_online_batch
         vision_width = vision_encoder.width
         text_width = text_encoder.embeddings.word_embeddings.embedding_dim
         self.vision_encoder = vision_encoder
@@ -219,6 +227,10 @@ class ALBEFForRetrieval(nn.Module):
         # ITC against momentum features of the batch and the queue: [B, B + Q].
         idx_all = torch.cat([idx, self.queue.idx_queue[0]])
         sim_targets = contrastive_targets(idx, idx_all)
+        # Never-written queue slots hold random vectors (ALBEF uses them as negatives). We mask
+        # them out: harmless from a pre-trained start, and from scratch those random negatives
+        # reward collapsing every feature onto one direction.
+        empty = (idx_all == self.queue.empty_idx).view(1, -1)
         with torch.no_grad():
             momentum_update(*self._momentum_pairs(), self.momentum)
             image_m = self.vision_encoder_m(image).last_hidden_state
@@ -228,11 +240,15 @@ class ALBEFForRetrieval(nn.Module):
             # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
             image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
             text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
-            sim_i2t_m = image_feat_m @ text_feat_all / self.temp
-            sim_t2i_m = text_feat_m @ image_feat_all / self.temp
+            sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+            sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
         # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.
-        sim_i2t = image_enc.features.float() @ text_feat_all / self.temp
-        sim_t2i = text_enc.features.float() @ image_feat_all / self.temp
+        image_feat, text_feat = image_enc.features.float(), text_enc.features.float()
+        if self.itc_online_batch:  # the batch's columns carry gradient (CLIP-style)
+            text_feat_all = torch.cat([text_feat.T, text_feat_all[:, batch_size:]], dim=1)
+            image_feat_all = torch.cat([image_feat.T, image_feat_all[:, batch_size:]], dim=1)
+        sim_i2t = (image_feat @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+        sim_t2i = (text_feat @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
         loss_itc = self.itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, sim_targets, alpha)
         self.queue.enqueue(image_feat_m, text_feat_m, idx)
 
@@ -275,6 +291,7 @@ def albef_model_for_retrieval(
     pad_token_id: int = 0,
     dropout: float = 0.1,
     drop_path_rate: float = 0.0,
+    itc_online_batch: bool = False,
 ) -> ALBEFForRetrieval:
     """Builds ALBEF for image-text retrieval.
 
@@ -293,6 +310,10 @@ def albef_model_for_retrieval(
         pad_token_id (int): tokenizer padding id.
         dropout (float): BERT hidden dropout (0.1); the ViT uses none, as in ALBEF.
         drop_path_rate (float): ViT stochastic depth (0 in ALBEF fine-tuning).
+        itc_online_batch (bool): contrast against the batch's online (gradient-carrying)
+            features instead of their momentum copies (ALBEF). For training from scratch, where
+            momentum copies and queues of a random model pin every feature to one direction;
+            pair it with ``queue_size=0``.
 
     Returns:
         ALBEFForRetrieval
@@ -351,4 +372,5 @@ def albef_model_for_retrieval(
         queue_size=cfg["queue_size"],
         momentum=momentum,
         temp=temp,
+        itc_online_batch=itc_online_batch,
     )

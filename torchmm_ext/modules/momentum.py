@@ -40,13 +40,14 @@ class FeatureQueue(nn.Module):
 
     Args:
         embed_dim (int): feature size.
-        size (int): number of queued entries (65,536 in ALBEF).
+        size (int): number of queued entries (65,536 in ALBEF); 0 disables the queue.
         empty_idx (int): id stored in never-written slots; matches no real image id.
     """
 
     def __init__(self, embed_dim: int, size: int, empty_idx: int = -100) -> None:
         super().__init__()
         self.size = size
+        self.empty_idx = empty_idx
         self.register_buffer(
             "image_queue", nn.functional.normalize(torch.randn(embed_dim, size), dim=0)
         )
@@ -65,6 +66,8 @@ class FeatureQueue(nn.Module):
             text_feat (Tensor): ``[B, E]`` normalised momentum text features.
             idx (Tensor): ``[B]`` image ids.
         """
+        if self.size == 0:
+            return
         image_feat = concat_gather_all_gpu(image_feat.float().contiguous(), BackpropType.NONE)
         text_feat = concat_gather_all_gpu(text_feat.float().contiguous(), BackpropType.NONE)
         idx = concat_gather_all_gpu(idx.view(-1).long().contiguous(), BackpropType.NONE)

@@ -115,20 +115,19 @@ def test_resume_reproduces_the_next_steps_of_an_uninterrupted_run(shapes_cache, 
 
 
 def test_tiny_run_beats_chance_by_a_wide_margin(shapes_cache, tmp_path):
-    # 300 training images, 2 epochs from scratch; 50 test images with 250 captions, where
-    # random scores give r_mean ~10.
-    results = finetune_retrieval.main([
-        "--output-dir", str(tmp_path), "--opts", *small_world_opts(shapes_cache, 300, 50),
-        "train.epochs=2", "train.checkpoint_every=0",
-    ])
+    # The default tiny model from scratch on 400 training images (~500 steps, ~90 s on 2
+    # cores); 50 test images with 250 captions, where random scores give r_mean ~10.
+    opts = [*small_world_opts(shapes_cache, 400, 50), "train.epochs=8", "train.batch_size=32",
+            "train.checkpoint_every=0", "train.eval_every=8"]
+    results = finetune_retrieval.main(["--output-dir", str(tmp_path), "--opts", *opts])
     test = results["test"]
-    assert test["r_mean"] > 40, test
+    assert test["r_mean"] > 30, test  # measured: 45
     assert (tmp_path / "checkpoint_best.pth").exists() and (tmp_path / "checkpoint_last.pth").exists()
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in logged] == [0, 1]
+    assert [r["epoch"] for r in logged] == list(range(8))
+    assert "val/r_mean" in logged[-1] and "val/r_mean" not in logged[0]
     # --resume after the last epoch trains nothing more and evaluates the same best model.
-    again = finetune_retrieval.main(["--output-dir", str(tmp_path), "--resume", "--opts",
-                                     *small_world_opts(shapes_cache, 300, 50), "train.epochs=2"])
+    again = finetune_retrieval.main(["--output-dir", str(tmp_path), "--resume", "--opts", *opts])
     assert again["test"]["r_mean"] == pytest.approx(test["r_mean"])
 
 

@@ -161,7 +161,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     # --- model ---
     if args.checkpoint:
         report = load_model_weights(model, args.checkpoint, strict=False)
-        logger.info(f"loaded {args.checkpoint}: {report}")
+        logger.info(f"loaded {args.checkpoint}: {len(report.missing_keys)} missing keys "
+                    f"{report.missing_keys[:5]}, {len(report.unexpected_keys)} unexpected "
+                    f"{report.unexpected_keys[:5]}")
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

@@ -21,6 +21,7 @@ from torchmm_ext.data.transforms import albef_train_transform
 from torchmm_ext.engine import (
     build_cosine_scheduler,
     build_optimizer,
+    CheckpointError,
     ConfigError,
     restore_train_state,
     save_checkpoint,
@@ -47,6 +48,14 @@ def test_unknown_config_keys_name_the_valid_ones(shapes_cache, tmp_path):
         finetune_retrieval.main(["--output-dir", str(tmp_path), "--opts", "train.lrr=1e-4"])
     with pytest.raises(ConfigError, match=r"model.*vision_widht.*vision_width"):
         finetune_retrieval.main(["--output-dir", str(tmp_path), "--opts", "model.vision_widht=8"])
+
+
+def test_checkpoint_of_another_architecture_is_rejected(shapes_cache, tmp_path):
+    other = tmp_path / "vit_only.pth"
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 8)}}, other)
+    with pytest.raises(CheckpointError, match=r"(?s)vit_only\.pth.*another architecture"):
+        finetune_retrieval.main(["--output-dir", str(tmp_path / "run"), "--checkpoint", str(other),
+                                 "--opts", *small_world_opts(shapes_cache)])
 
 
 def test_every_shipped_config_loads():

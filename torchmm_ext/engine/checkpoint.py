@@ -221,7 +221,8 @@ def load_model_weights(
         model (nn.Module): the model (wrappers are unwrapped).
         path_or_state_dict (Union[PathLike, Mapping[str, Any]]): a checkpoint file (train
             state or bare state dict) or an already loaded dict.
-        strict (bool): raise on missing/unexpected keys. Shape mismatches always raise.
+        strict (bool): raise on missing/unexpected keys. Shape mismatches, and a checkpoint
+            that fills under half of the model's tensors (another architecture), always raise.
             Default: True.
 
     Returns:
@@ -249,10 +250,13 @@ def load_model_weights(
         for k in expected
         if k in state and (not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape)
     ]
-    if mismatched or (strict and (missing or unexpected)):
+    matched = len(expected) - len(missing)
+    # Even when missing keys are allowed, a checkpoint that fills under half of the model is
+    # almost surely another architecture; loading it silently would train from scratch.
+    other_architecture = bool(expected) and matched < 0.5 * len(expected)
+    if mismatched or other_architecture or (strict and (missing or unexpected)):
         lines = [f"{source} does not fit {type(model).__name__}:"]
-        matched = len(expected) - len(missing)
-        if expected and matched < 0.5 * len(expected):
+        if other_architecture:
             lines.append(
                 f"  only {matched} of the model's {len(expected)} tensors are in the "
                 "checkpoint: is it a checkpoint of another architecture or preset?"
@@ -262,13 +266,13 @@ def load_model_weights(
             lines.extend(mismatched[:_MAX_SHAPE_LINES])
             if len(mismatched) > _MAX_SHAPE_LINES:
                 lines.append(f"    ... and {len(mismatched) - _MAX_SHAPE_LINES} more")
-        if missing and strict:
+        if missing and (strict or other_architecture):
             lines.append(f"  missing from the checkpoint ({len(missing)}):")
             lines.extend(_group_keys(missing))
-        if unexpected and strict:
+        if unexpected and (strict or other_architecture):
             lines.append(f"  unexpected in the checkpoint ({len(unexpected)}):")
             lines.extend(_group_keys(unexpected))
-        if not mismatched:
+        if strict and not mismatched and not other_architecture:
             lines.append("  (load with strict=False to keep the matching tensors)")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)

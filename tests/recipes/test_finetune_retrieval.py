@@ -158,3 +158,15 @@ def test_torchrun_two_processes(shapes_cache, tmp_path):
     assert 0 <= results["test"]["r_mean"] <= 100
     state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
     assert len(state["rng_per_rank"]) == 2 and len(state["loader_per_rank"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_default_job_reaches_single_process_scores(tmp_path):
+    # The README's default job (~7 min) in 2 processes; the single-process run scores ~67.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
+           "--opts", f"data.shapes.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "results.json").read_text())["test"]["r_mean"] >= 50

@@ -31,6 +31,7 @@ from torchmm_ext.engine import (
     build_cosine_scheduler,
     build_optimizer,
     check_kwargs,
+    cleanup,
     config_to_dict,
     get_logger,
     init_distributed,
@@ -135,7 +136,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
 
-    # --- data ---
+    # --- data (the model is built here: its image size sets the transforms) ---
     data = cfg.data
     corpus_file = resolve_data_files(data)
     tokenizer = build_tokenizer(data.tokenizer, corpus_file=corpus_file)
@@ -224,6 +225,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             print(f"[{split}] txt_r1 {m['txt_r1']:.2f}  txt_r5 {m['txt_r5']:.2f}  txt_r10 {m['txt_r10']:.2f}  "
                   f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  "
                   f"r_mean {m['r_mean']:.2f}")
+    cleanup()
     return results
 
 

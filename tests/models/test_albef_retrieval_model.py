@@ -153,3 +153,19 @@ def test_no_queue_and_online_batch_columns():
             expected = _in_batch_itc(img, txt, txt, img, model.temp)
             torch.testing.assert_close(losses[online], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(losses[True], losses[False])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_training_step_on_cuda_matches_cpu_loss():
+    torch.manual_seed(0)
+    model = tiny(dropout=0.0)
+    images, ids, mask, idx = batch()
+    cpu_loss = model.eval()(images, ids, mask, idx).loss_itc
+    torch.manual_seed(0)
+    model = tiny(dropout=0.0).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.eval()(images.cuda(), ids.cuda(), mask.cuda(), idx.cuda())
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss_itc.float().cpu(), cpu_loss, atol=5e-2, rtol=5e-2)

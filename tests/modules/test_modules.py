@@ -203,3 +203,24 @@ def test_feedforward_blocks_have_no_dropout_after_gelu():
     fusion = ALBEFFusionEncoder(width=32, image_width=32, num_layers=1, num_heads=4, ffn_dim=64, dropout=0.1)
     for mlp in (text.encoder.layer[0].feedforward, fusion.layer[0].feedforward):
         assert [type(m).__name__ for m in mlp.model] == ["Linear", "GELU", "Linear"]
+
+
+def test_fusion_grouped_pairs_equal_gathered_images():
+    # image_index = [0,0,0,1,1,1,2,2,2]: the grouped cross-attention path.
+    fusion = ALBEFFusionEncoder(width=32, image_width=24, num_layers=2, num_heads=4, ffn_dim=64).eval()
+    images, text = torch.randn(3, 10, 24), torch.randn(9, 6, 32)
+    mask = torch.ones(9, 6, dtype=torch.long)
+    mask[4, 2:] = 0
+    index = torch.arange(3).repeat_interleave(3)
+    gathered = fusion(text, mask, images[index]).last_hidden_state
+    for cls_only in (False, True):
+        grouped = fusion(text, mask, images, image_index=index, cls_only=cls_only).last_hidden_state
+        torch.testing.assert_close(grouped, gathered[:, : grouped.size(1)], atol=1e-5, rtol=1e-5)
+
+
+def test_runs_per_image_detection():
+    from torchmm_ext.modules.text_encoder import _runs_per_image
+
+    assert _runs_per_image(torch.arange(3).repeat_interleave(4), 3) == 4
+    assert _runs_per_image(torch.tensor([0, 2, 2, 1]), 3) is None
+    assert _runs_per_image(torch.tensor([0, 0, 1]), 2) is None

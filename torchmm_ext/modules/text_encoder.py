@@ -129,6 +129,16 @@ def albef_text_encoder(
     return text_encoder
 
 
+def _runs_per_image(image_index: Tensor, num_images: int) -> Optional[int]:
+    """``k`` if ``image_index == arange(num_images).repeat_interleave(k)``, else ``None``."""
+    pairs = image_index.numel()
+    if num_images == 0 or pairs % num_images:
+        return None
+    k = pairs // num_images
+    expected = torch.arange(num_images, device=image_index.device).repeat_interleave(k)
+    return k if torch.equal(image_index, expected) else None
+
+
 class FusionOutput(NamedTuple):
     """Output of :class:`ALBEFFusionEncoder`.
 
@@ -184,21 +194,31 @@ class FusionLayer(nn.Module):
         image_embeddings: Tensor,
         image_index: Optional[Tensor],
         image_mask: Optional[Tensor],
+        pairs_per_image: Optional[int],
     ) -> Tensor:
         attn = self.cross_attention
         b, length, d = x.shape
         h = attn.num_heads
-        # Keys/values are projected once per distinct image, then gathered per pair.
+        q = attn.q_proj(x).view(b, length, h, d // h).transpose(1, 2)  # [P, H, L, d/H]
+        # Keys/values are projected once per distinct image.
         k = attn.k_proj(image_embeddings)
         v = attn.v_proj(image_embeddings)
-        if image_index is not None:
-            k, v = k[image_index], v[image_index]
-        q = attn.q_proj(x).view(b, length, h, d // h).transpose(1, 2)
-        k = k.view(b, -1, h, d // h).transpose(1, 2)
-        v = v.view(b, -1, h, d // h).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k, v, image_mask, attn.dropout if self.training else 0.0
-        )
+        dropout = attn.dropout if self.training else 0.0
+        if pairs_per_image is not None:
+            # Pairs come in runs of k per image: the queries of a run attend the same keys, so
+            # they form one longer query sequence per image: no per-pair copies of K/V.
+            u, k_pairs = k.size(0), pairs_per_image
+            q = q.reshape(u, k_pairs, h, length, d // h).transpose(1, 2).reshape(u, h, k_pairs * length, d // h)
+            k = k.view(u, -1, h, d // h).transpose(1, 2)
+            v = v.view(u, -1, h, d // h).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, None, dropout)  # [U, H, k*L, d/H]
+            out = out.reshape(u, h, k_pairs, length, d // h).transpose(1, 2).reshape(b, h, length, d // h)
+        else:
+            if image_index is not None:
+                k, v = k[image_index], v[image_index]
+            k = k.view(b, -1, h, d // h).transpose(1, 2)
+            v = v.view(b, -1, h, d // h).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, k, v, image_mask, dropout)
         return attn.output_proj(out.transpose(1, 2).reshape(b, length, d))
 
     def _self_attend_first_token(self, x: Tensor, text_mask: Tensor) -> Tensor:
@@ -223,6 +243,7 @@ class FusionLayer(nn.Module):
         image_mask: Optional[Tensor] = None,
         return_cross_attention: bool = False,
         first_token_only: bool = False,
+        pairs_per_image: Optional[int] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """
         Inputs:
@@ -235,6 +256,9 @@ class FusionLayer(nn.Module):
                 its probabilities.
             first_token_only (bool): compute the output of the first (CLS) token only
                 (``[P, 1, D]``): exact, and much cheaper, when only the CLS state is used.
+            pairs_per_image (Optional[int]): set when ``image_index`` is
+                ``arange(U).repeat_interleave(k)`` and there is no image mask: the ``k``
+                pairs of an image then share one attention call.
 
         Returns:
             Tuple of the new states ``[P, L, D]`` and the probabilities (or ``None``).
@@ -250,7 +274,7 @@ class FusionLayer(nn.Module):
             images = image_embeddings if image_index is None else image_embeddings[image_index]
             cross, probs = cross_attention_with_probs(self.cross_attention, x, images, image_mask)
         else:
-            cross = self._cross_attend(x, image_embeddings, image_index, image_mask)
+            cross = self._cross_attend(x, image_embeddings, image_index, image_mask, pairs_per_image)
         x = self.cross_attention_layernorm(x + self.cross_attention_dropout(cross))
         x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x)))
         return x, probs
@@ -322,6 +346,9 @@ class ALBEFFusionEncoder(nn.Module):
         x = text_embeddings
         cross_attention = None
         hidden_states: List[Tensor] = []
+        pairs_per_image = None
+        if image_index is not None and image_mask is None:
+            pairs_per_image = _runs_per_image(image_index, image_embeddings.size(0))
         for i, layer in enumerate(self.layer):
             x, probs = layer(
                 x,
@@ -331,6 +358,7 @@ class ALBEFFusionEncoder(nn.Module):
                 image_mask,
                 return_cross_attention=(i == return_cross_attention_layer),
                 first_token_only=cls_only and i == len(self.layer) - 1,
+                pairs_per_image=pairs_per_image,
             )
             if probs is not None:
                 cross_attention = probs

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.shapes_world import cached_shapes_world
@@ -160,11 +161,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     )
 
     # --- model ---
-    if args.checkpoint:
-        report = load_model_weights(model, args.checkpoint, strict=False)
-        logger.info(f"loaded {args.checkpoint}: {len(report.missing_keys)} missing keys "
-                    f"{report.missing_keys[:5]}, {len(report.unexpected_keys)} unexpected "
-                    f"{report.unexpected_keys[:5]}")
+    if args.checkpoint:  # ours, ALBEF, TorchMultimodal, HF BERT or timm ViT/DeiT weights
+        report = load_pretrained(model, args.checkpoint)
+        logger.info(f"loaded {args.checkpoint}:\n{report.format()}")
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

@@ -13,6 +13,7 @@ import torch
 
 import finetune_retrieval
 from finetune_retrieval import RetrievalConfig
+from torchmm_ext.checkpoints import CheckpointArchitectureError, torchmm_ext_to_albef
 from torchmm_ext.data.datasets import RetrievalCollator, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader
 from torchmm_ext.data.shapes_world import cached_shapes_world
@@ -21,7 +22,6 @@ from torchmm_ext.data.transforms import albef_train_transform
 from torchmm_ext.engine import (
     build_cosine_scheduler,
     build_optimizer,
-    CheckpointError,
     ConfigError,
     restore_train_state,
     save_checkpoint,
@@ -52,8 +52,8 @@ def test_unknown_config_keys_name_the_valid_ones(shapes_cache, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_rejected(shapes_cache, tmp_path):
     other = tmp_path / "vit_only.pth"
-    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 8)}}, other)
-    with pytest.raises(CheckpointError, match=r"(?s)vit_only\.pth.*another architecture"):
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 192)}}, other)
+    with pytest.raises(CheckpointArchitectureError, match=r"(?s)vit_only\.pth.*another architecture"):
         finetune_retrieval.main(["--output-dir", str(tmp_path / "run"), "--checkpoint", str(other),
                                  "--opts", *small_world_opts(shapes_cache)])
 
@@ -138,6 +138,14 @@ def test_tiny_run_beats_chance_by_a_wide_margin(shapes_cache, tmp_path):
     # --resume after the last epoch trains nothing more and evaluates the same best model.
     again = finetune_retrieval.main(["--output-dir", str(tmp_path), "--resume", "--opts", *opts])
     assert again["test"]["r_mean"] == pytest.approx(test["r_mean"])
+    # The best weights exported to the original ALBEF layout evaluate identically through
+    # --checkpoint (layout detected and converted back).
+    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["model"]
+    torch.save({"model": torchmm_ext_to_albef(best)}, tmp_path / "albef_layout.pth")
+    evaluated = finetune_retrieval.main(["--output-dir", str(tmp_path / "eval"), "--evaluate",
+                                         "--checkpoint", str(tmp_path / "albef_layout.pth"),
+                                         "--opts", *opts])
+    assert evaluated["test"]["r_mean"] == pytest.approx(test["r_mean"])
 
 
 def _free_port() -> int:

@@ -1,0 +1,200 @@
+"""``load_pretrained``: any supported checkpoint into one of our models, with a report."""
+
+from pathlib import Path
+from typing import Dict, List, Mapping, NamedTuple, Optional, Union
+
+from torch import nn, Tensor
+
+from torchmm_ext.checkpoints.convert import (
+    albef_conversion,
+    Conversion,
+    fill_momentum,
+    hf_bert_conversion,
+    interpolate_vision_pos_embeds,
+    timm_vit_conversion,
+    torchmultimodal_conversion,
+)
+from torchmm_ext.checkpoints.layouts import detect_layout
+from torchmm_ext.checkpoints.primitives import (
+    group_keys,
+    interpolate_pos_embed,
+    load_state_dict_file,
+    PathLike,
+    StateDict,
+    unwrap_state_dict,
+)
+
+__all__ = ["CheckpointShapeError", "LoadReport", "convert_to_torchmm_ext", "load_pretrained"]
+
+
+class CheckpointShapeError(ValueError):
+    """A converted checkpoint tensor does not have the model's shape."""
+
+
+class CheckpointArchitectureError(ValueError):
+    """A checkpoint fills too little of the model to be meant for it."""
+
+
+class LoadReport(NamedTuple):
+    """What :func:`load_pretrained` did.
+
+    Attributes:
+        layout (str): detected source layout.
+        missing (Dict[str, List[str]]): model keys the checkpoint did not fill (they keep their
+            initialisation), grouped by module (first two dotted components).
+        unexpected (Dict[str, List[str]]): converted keys the model does not have, grouped.
+        ignored (List[str]): source keys the converter dropped (MLM head, momentum fusion, ...).
+        notes (List[str]): synthesised or changed tensors (momentum copies, interpolation).
+        loaded (int): number of model tensors loaded.
+    """
+
+    layout: str
+    missing: Dict[str, List[str]]
+    unexpected: Dict[str, List[str]]
+    ignored: List[str]
+    notes: List[str]
+    loaded: int
+
+    def format(self, max_keys: int = 3) -> str:
+        """Human-readable multi-line summary (counts per group and a few example keys)."""
+        lines = [f"checkpoint layout: {self.layout}; loaded {self.loaded} tensors"]
+        for title, groups in (("missing (kept at initialisation)", self.missing),
+                              ("unexpected (not loaded)", self.unexpected)):
+            total = sum(len(v) for v in groups.values())
+            lines.append(f"{title}: {total}")
+            for group, keys in groups.items():
+                more = f", ... (+{len(keys) - max_keys})" if len(keys) > max_keys else ""
+                lines.append(f"  {group}: {len(keys)} [{', '.join(keys[:max_keys])}{more}]")
+        if self.ignored:
+            ignored = group_keys(self.ignored)
+            lines.append(f"ignored from the checkpoint: {len(self.ignored)}")
+            lines.extend(f"  {g}: {len(k)}" for g, k in ignored.items())
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def convert_to_torchmm_ext(
+    state_dict: Mapping[str, Tensor],
+    *,
+    layout: Optional[str] = None,
+    image_size: Optional[int] = None,
+    fusion_layer: int = 6,
+) -> Conversion:
+    """Converts a state dict in any known layout to ours.
+
+    Args:
+        state_dict (Mapping[str, Tensor]): unwrapped checkpoint tensors.
+        layout (Optional[str]): source layout; detected when ``None``.
+        image_size (Optional[int]): target image size (position embeddings interpolated).
+        fusion_layer (int): for ``hf_bert``: first BERT layer of the fusion encoder.
+
+    Returns:
+        Conversion: our keys, ignored source keys and notes.
+    """
+    layout = layout or detect_layout(state_dict)
+    if layout == "torchmm_ext":
+        out, notes = dict(state_dict), []  # type: StateDict, List[str]
+        interpolate_vision_pos_embeds(out, image_size, notes)
+        return Conversion(out, [], notes)
+    if layout == "albef":
+        return albef_conversion(state_dict, image_size=image_size)
+    if layout == "torchmultimodal":
+        return torchmultimodal_conversion(state_dict, image_size=image_size)
+    if layout == "hf_bert":
+        return hf_bert_conversion(state_dict, fusion_layer)
+    if layout == "timm_vit":
+        return timm_vit_conversion(state_dict, image_size=image_size)
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def load_pretrained(
+    model: nn.Module,
+    path_or_state_dict: Union[PathLike, Mapping[str, Tensor]],
+    *,
+    image_size: Optional[int] = None,
+    layout: Optional[str] = None,
+    fusion_layer: int = 6,
+    weights_only: bool = True,
+) -> LoadReport:
+    """Loads a checkpoint in any known layout (:data:`KNOWN_LAYOUTS`) into ``model``.
+
+    The layout is detected, the tensors converted, momentum modules the checkpoint lacks are
+    copied from the online weights, and ViT position embeddings are interpolated to the model's
+    patch grid (to ``image_size`` first when given). Every tensor must then have the model's
+    shape; missing and unexpected keys are allowed and reported. This is what a recipe's
+    ``--checkpoint`` calls.
+
+    Args:
+        model (nn.Module): e.g. ``albef_model_for_retrieval(...)`` (DDP wrappers unwrapped).
+        path_or_state_dict (Union[PathLike, Mapping[str, Tensor]]): a checkpoint file
+            (``.pth``/``.pt``/``.bin``/``.safetensors``, wrapped or bare) or a loaded dict.
+        image_size (Optional[int]): interpolate position embeddings for this size; by default
+            the model's own grid is used.
+        layout (Optional[str]): force a layout instead of detecting it.
+        fusion_layer (int): for ``hf_bert`` checkpoints: first BERT layer of the fusion encoder.
+        weights_only (bool): ``torch.load`` safe mode.
+
+    Returns:
+        LoadReport
+
+    Raises:
+        ValueError: unknown layout (the message lists the known ones).
+        CheckpointShapeError: lists every ``key: checkpoint (a, b) vs model (c, d)``.
+    """
+    model = getattr(model, "module", model)
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = load_state_dict_file(path_or_state_dict, weights_only=weights_only)
+    else:
+        source = unwrap_state_dict(path_or_state_dict)
+    layout = layout or detect_layout(source)
+    conversion = convert_to_torchmm_ext(source, layout=layout, image_size=image_size,
+                                        fusion_layer=fusion_layer)
+    state, notes = dict(conversion.state_dict), list(conversion.notes)
+    expected = model.state_dict()
+    fill_momentum(state, notes, wanted=set(expected))
+
+    # Position embeddings follow the model's patch grid, as ALBEF's loading does.
+    for key, target in expected.items():
+        if key.endswith("embeddings.position_embeddings") and target.dim() == 3 and key in state:
+            if state[key].shape != target.shape and state[key].shape[-1] == target.shape[-1]:
+                grid = int(round((target.shape[1] - 1) ** 0.5))
+                before = _shape(state[key])
+                state[key] = interpolate_pos_embed(state[key], grid)
+                notes.append(f"{key}: interpolated {before} -> {_shape(state[key])} to the model's grid")
+
+    mismatches = [
+        f"{k}: checkpoint {_shape(state[k])} vs model {_shape(v)}"
+        for k, v in expected.items() if k in state and state[k].shape != v.shape
+    ]
+    if mismatches:
+        raise CheckpointShapeError(
+            f"{len(mismatches)} tensor(s) of the {layout} checkpoint do not fit "
+            f"{type(model).__name__}:\n  " + "\n  ".join(mismatches)
+        )
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    loaded = len(expected) - len(missing)
+    # A whole-model layout that fills under half of the model is another architecture (or
+    # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
+    # timm_vit) fill one part by design, but must fill something.
+    whole_model = layout in ("torchmm_ext", "albef", "torchmultimodal")
+    if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
+        origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
+        raise CheckpointArchitectureError(
+            f"{origin} ({layout} layout) fills only {loaded} of the {len(expected)} tensors of "
+            f"{type(model).__name__}: is it a checkpoint of another architecture or preset?\n"
+            "  missing: " + ", ".join(f"{g} ({len(k)})" for g, k in group_keys(missing).items())
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return LoadReport(
+        layout=layout,
+        missing=group_keys(missing),
+        unexpected=group_keys(unexpected),
+        ignored=conversion.ignored,
+        notes=notes,
+        loaded=loaded,
+    )

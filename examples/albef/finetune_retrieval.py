@@ -100,8 +100,18 @@ class EvalConfig:
 
 
 @dataclass
+class InitConfig:
+    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
+    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
+
+    vision: str = ""
+    text: str = ""
+
+
+@dataclass
 class RetrievalConfig:
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_retrieval kwargs
+    init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,6 +171,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     )
 
     # --- model ---
+    for part in (cfg.init.vision, cfg.init.text):
+        if part:
+            logger.info(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
     if args.checkpoint:  # ours, ALBEF, TorchMultimodal, HF BERT or timm ViT/DeiT weights
         report = load_pretrained(model, args.checkpoint)
         logger.info(f"loaded {args.checkpoint}:\n{report.format()}")

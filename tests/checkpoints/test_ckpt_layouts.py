@@ -171,10 +171,14 @@ def test_albef_pretraining_checkpoint_documented_missing(tmp_path: Path) -> None
     sd = albef_state_dict(pretraining=True)
     path = tmp_path / "ALBEF.pth"
     torch.save({"model": sd, "optimizer": {}, "config": {"a": 1}, "epoch": 29}, path)
-    report = load_pretrained(_ours(), path)
-    # The pre-training model has no idx_queue: the only documented missing key.
-    assert report.missing == {"queue": ["queue.idx_queue"]}
-    assert report.unexpected == {}
+    model = _ours()
+    report = load_pretrained(model, path)
+    # The pre-training model has no idx_queue: its queued features stay usable negatives
+    # (id -1, not the model's empty marker -100, which would mask them).
+    assert report.missing == {} and report.unexpected == {}
+    assert (model.queue.idx_queue == -1).all()
+    assert torch.equal(model.queue.image_queue, sd["image_queue"])
+    assert any("idx_queue" in note for note in report.notes)
     assert any(k.startswith("text_encoder.cls.") for k in report.ignored)
     assert any(k.startswith("text_encoder_m.cls.") for k in report.ignored)
 

@@ -491,6 +491,14 @@ def albef_conversion(
                      "retrieval never runs a momentum fusion encoder")
     if fill_momentum_weights:
         fill_momentum(out, notes)
+    if "queue.image_queue" in out and "queue.idx_queue" not in out:
+        # Pre-training checkpoints keep feature queues but no ids. ALBEF's fine-tuning uses
+        # those features as negatives; id -1 (no real image id) keeps them filled, where the
+        # model's empty marker (-100) would mask them out.
+        size = out["queue.image_queue"].shape[1]
+        out["queue.idx_queue"] = torch.full((1, size), -1, dtype=torch.long)
+        notes.append(f"queue.idx_queue: the checkpoint has none; its {size} queued features are "
+                     "kept as negatives of no image (id -1)")
     interpolate_vision_pos_embeds(out, image_size, notes)
     ignored = sorted(renamed.get(k, k) for k in set(src) - used)
     return Conversion(out, ignored, notes)

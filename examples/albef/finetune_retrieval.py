@@ -23,12 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
-from torchmm_ext.data.shapes_world import cached_shapes_world
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import (
     autocast_context,
-    barrier,
     build_cosine_scheduler,
     build_optimizer,
     check_kwargs,
@@ -48,24 +46,12 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
 from torchmm_ext.engine.fit import fit, TrainConfig
+from torchmm_ext.engine.recipe_utils import shapes_world_for_ranks, ShapesWorldConfig
 from torchmm_ext.evaluation.retrieval import evaluate_retrieval, recall_metrics
 from torchmm_ext.models.albef import albef_model_for_retrieval
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "retrieval_shapes.yaml"
 logger = get_logger("finetune_retrieval")
-
-
-@dataclass
-class ShapesWorldConfig:
-    """Generate the built-in shapes world (cached under ``cache_dir``) and train on it."""
-
-    cache_dir: str = "data_cache"
-    seed: int = 0
-    image_size: int = 64
-    num_train: int = 4000
-    num_val: int = 300
-    num_test: int = 500
-    captions_per_image: int = 5
 
 
 @dataclass
@@ -124,12 +110,7 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
     once, cached); returns the world's text corpus for the ``"shapes"`` tokenizer."""
     if cfg.shapes is None:
         return None
-    params = config_to_dict(cfg.shapes)
-    if not is_main_process():
-        barrier()  # rank 0 generates, the others then read its cache
-    world = cached_shapes_world(params.pop("cache_dir"), **params)
-    if is_main_process():
-        barrier()
+    world = shapes_world_for_ranks(cfg.shapes)
     cfg.train_file = [str(world.retrieval_train)]
     cfg.val_file, cfg.test_file = str(world.retrieval_val), str(world.retrieval_test)
     cfg.image_root = str(world.image_root)

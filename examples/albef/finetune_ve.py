@@ -1,0 +1,244 @@
+"""Fine-tune ALBEF for visual entailment (SNLI-VE: does the image entail, contradict or not
+decide a sentence?) and evaluate accuracy on val and test.
+
+    # built-in shapes world, tiny model from scratch, CPU (the default config)
+    python examples/albef/finetune_ve.py
+    # the same job in 2 processes (gloo on CPU, nccl on GPUs)
+    torchrun --nproc_per_node=2 examples/albef/finetune_ve.py
+    # SNLI-VE with ALBEF's hyperparameters from a pre-trained checkpoint
+    torchrun --nproc_per_node=8 examples/albef/finetune_ve.py \
+        --config examples/albef/configs/ve_snli.yaml --checkpoint ALBEF.pth
+
+Any config key can be overridden: ``--opts train.lr=2e-5 loss.alpha=0.4``.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+
+from torchmm_ext.checkpoints import load_pretrained
+from torchmm_ext.data.datasets import RetrievalCollator, VEDataset
+from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
+from torchmm_ext.data.tokenizer import build_tokenizer
+from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
+from torchmm_ext.engine import (
+    all_reduce_sum,
+    autocast_context,
+    build_cosine_scheduler,
+    build_optimizer,
+    check_kwargs,
+    cleanup,
+    config_to_dict,
+    get_logger,
+    init_distributed,
+    is_main_process,
+    load_config,
+    load_model_weights,
+    MetricLogger,
+    parse_args,
+    save_config,
+    seed_everything,
+    StepContext,
+    StepOutput,
+)
+from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
+from torchmm_ext.engine.fit import fit, TrainConfig
+from torchmm_ext.engine.recipe_utils import load_task_head, rank_shard, shapes_world_for_ranks, ShapesWorldConfig
+from torchmm_ext.models.albef import albef_model_for_ve
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ve_shapes.yaml"
+logger = get_logger("finetune_ve")
+
+
+@dataclass
+class DataConfig:
+    shapes: Optional[ShapesWorldConfig] = None  # set: use the built-in world's files
+    train_file: str = ""  # ALBEF JSON files: {image (id without extension), sentence, label}
+    val_file: str = ""
+    test_file: str = ""
+    image_root: str = ""
+    image_ext: str = ".jpg"  # appended to image ids (Flickr30K: .jpg; the shapes world: .png)
+    tokenizer: str = "bert-base-uncased"  # "shapes", a tokenizer directory or a hub name
+    max_words: int = 30
+    max_tokens: int = 40
+    crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: bool = True
+    randaugment: bool = True
+    skip_bad_samples: bool = False
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.4  # momentum-distillation weight (model.distill must be true)
+    alpha_warmup: bool = True  # ramp alpha linearly over the first epoch
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+
+
+@dataclass
+class InitConfig:
+    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
+    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
+
+    vision: str = ""
+    text: str = ""
+
+
+@dataclass
+class VEConfig:
+    model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_ve kwargs
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/albef_ve"
+
+
+def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
+    """Point the file fields at the shapes world when ``data.shapes`` is set (generating it
+    once, cached); returns the world's text corpus for the ``"shapes"`` tokenizer."""
+    if cfg.shapes is None:
+        return None
+    world = shapes_world_for_ranks(cfg.shapes)
+    cfg.train_file, cfg.val_file, cfg.test_file = str(world.ve_train), str(world.ve_val), str(world.ve_test)
+    cfg.image_root, cfg.image_ext = str(world.image_root), world.ve_image_ext
+    return world.vocab_corpus
+
+
+@torch.no_grad()
+def ve_accuracy(model, loader, device: torch.device, precision_ctx) -> Dict[str, float]:
+    """Accuracy (%) of ``model.predict`` over ``loader``, summed over ranks (each rank passes
+    its own disjoint shard; a single process passes the whole split)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
+    for batch in loader:
+        with precision_ctx():
+            logits = model.predict(batch["image"].to(device), batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device))
+        labels = batch["idx"].to(device)  # RetrievalCollator puts the third field (label) in idx
+        counts[0] += (logits.argmax(dim=-1) == labels).sum()
+        counts[1] += labels.numel()
+    model.train(was_training)
+    all_reduce_sum(counts)
+    correct, total = counts.tolist()
+    return {"acc": 100.0 * correct / max(total, 1.0), "num_samples": total}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
+    cfg = load_config(args.config, VEConfig, args.opts)
+    check_kwargs(albef_model_for_ve, cfg.model, "model")
+    output_dir = Path(args.output_dir or cfg.output_dir)
+    dist = init_distributed()
+    seed_everything(cfg.train.seed, dist.rank)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    # --- data (the model is built here: its image size sets the transforms) ---
+    data = cfg.data
+    corpus_file = resolve_data_files(data)
+    tokenizer = build_tokenizer(data.tokenizer, corpus_file=corpus_file)
+    model_kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **cfg.model}
+    model = albef_model_for_ve(**model_kwargs)
+    image_size = model.vision_encoder.image_size
+    collate = RetrievalCollator(tokenizer, data.max_tokens)
+    train_set = VEDataset(
+        data.train_file, data.image_root,
+        albef_train_transform(image_size, tuple(data.crop_scale), data.hflip, data.randaugment),
+        max_words=data.max_words, image_ext=data.image_ext, skip_bad_samples=data.skip_bad_samples,
+    )
+    test_transform = albef_test_transform(image_size)
+    eval_sets = {
+        split: VEDataset(path, data.image_root, test_transform, data.max_words, image_ext=data.image_ext)
+        for split, path in (("val", data.val_file), ("test", data.test_file)) if path
+    }
+    train_loader = build_dataloader(
+        train_set, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.train.num_workers,
+        collate_fn=collate, drop_last=True, seed=cfg.train.seed,
+    )
+
+    # --- model ---
+    for part in (cfg.init.vision, cfg.init.text):
+        if part:
+            logger.info(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
+    if cfg.init.vision or cfg.init.text:
+        model.copy_params_to_momentum()  # ALBEF's copy_params after its BERT/DeiT initialisation
+    if args.checkpoint:  # ours, ALBEF, TorchMultimodal, HF BERT or timm ViT/DeiT weights
+        report = load_pretrained(model, args.checkpoint)
+        logger.info(f"loaded {args.checkpoint}:\n{report.format()}")
+        # The albef conversion ignores task heads: take a fine-tuned ALBEF VE cls_head as it is.
+        head = load_task_head(model, args.checkpoint, report, ("cls_head.", "cls_head_m."))
+        if head:
+            logger.info(f"cls_head taken from {args.checkpoint}: {', '.join(head)}")
+        # Momentum modules the checkpoint lacks (every converted checkpoint lacks the momentum
+        # fusion encoder and head: retrieval keeps none) restart from the loaded online weights.
+        missing = {key.split(".")[0] for keys in report.missing.values() for key in keys}
+        reset = model.copy_params_to_momentum(only=sorted(missing))
+        if reset:
+            logger.info(f"momentum copies reset from the online weights: {', '.join(reset)}")
+    model.to(dist.device)
+    ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
+
+    def evaluate(split: str) -> Dict[str, float]:
+        dataset = eval_sets[split]
+        shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
+        loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
+        return ve_accuracy(model, loader, dist.device,
+                           lambda: autocast_context(dist.device, cfg.train.precision))
+
+    # --- train ---
+    best = None
+    if not args.evaluate:
+        optimizer = build_optimizer(ddp_model, cfg.train.lr, cfg.train.weight_decay)
+        steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
+        scheduler = build_cosine_scheduler(
+            optimizer, total_steps=steps_per_epoch * cfg.train.epochs,
+            warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch), min_lr=cfg.train.min_lr,
+        )
+
+        def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
+            alpha = cfg.loss.alpha
+            if cfg.loss.alpha_warmup and ctx.epoch == 0:
+                alpha *= min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
+            out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
+            acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
+            return StepOutput(out.loss, {"train_acc": acc})
+
+        with MetricLogger(output_dir, enabled=is_main_process()) as metric_logger:
+            best = fit(
+                model=ddp_model, loader=train_loader, optimizer=optimizer, scheduler=scheduler,
+                step_fn=step_fn, train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
+                config_dict=config_to_dict(cfg),
+                evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
+                best_metric_key="acc", resume=args.resume, metric_logger=metric_logger,
+            )
+        if best is not None:  # test the best validation checkpoint, as ALBEF does
+            load_model_weights(model, output_dir / BEST_CHECKPOINT)
+
+    # --- evaluate ---
+    results: Dict[str, Any] = {}
+    for split in eval_sets:
+        results[split] = evaluate(split)
+        logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in results[split].items()}))
+    if is_main_process():
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        for split, m in results.items():
+            print(f"[{split}] acc {m['acc']:.2f}")
+    cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Small pieces several recipes share (config sections and set-up steps, no training loop)."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Mapping, Sequence, Union
+
+from torch import nn, Tensor
+
+from torchmm_ext.checkpoints.loading import CheckpointShapeError, LoadReport
+from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, unwrap_state_dict
+from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
+from torchmm_ext.engine.config import config_to_dict
+from torchmm_ext.engine.distributed import barrier, is_main_process
+
+
+@dataclass
+class ShapesWorldConfig:
+    """Generate the built-in shapes world (cached under ``cache_dir``) and train on it.
+
+    The defaults are those of ``retrieval_shapes.yaml``: every task's files come from one world,
+    so recipes using the same parameters share one cache."""
+
+    cache_dir: str = "data_cache"
+    seed: int = 0
+    image_size: int = 64
+    num_train: int = 4000
+    num_val: int = 300
+    num_test: int = 500
+    captions_per_image: int = 5
+
+
+def shapes_world_for_ranks(cfg: ShapesWorldConfig) -> ShapesWorld:
+    """The cached shapes world of ``cfg``: rank 0 generates it (once), the other ranks wait at a
+    barrier and then read its cache."""
+    params = config_to_dict(cfg)
+    if not is_main_process():
+        barrier()
+    world = cached_shapes_world(params.pop("cache_dir"), **params)
+    if is_main_process():
+        barrier()
+    return world
+
+
+def rank_shard(num_items: int, rank: int, world_size: int) -> range:
+    """Indices ``rank, rank + world_size, ...`` of ``num_items``: disjoint shards covering every
+    item once (no padding), for evaluations whose counts are summed over ranks."""
+    return range(rank, num_items, world_size)
+
+
+def load_task_head(
+    model: nn.Module,
+    path_or_state_dict: Union[PathLike, Mapping[str, Tensor]],
+    report: LoadReport,
+    prefixes: Sequence[str],
+) -> List[str]:
+    """Loads the task-head tensors of an original-ALBEF checkpoint that the layout conversion
+    ignored (the ``albef`` conversion knows the encoders and retrieval heads only).
+
+    A task head such as SNLI-VE's ``cls_head`` (``nn.Sequential(Linear, ReLU, Linear)``) has the
+    same keys in ALBEF and here, so a released fine-tuned checkpoint then evaluates with its
+    own head instead of a random one. Call it right after :func:`load_pretrained`.
+
+    Args:
+        model (nn.Module): the model :func:`load_pretrained` loaded into.
+        path_or_state_dict (Union[PathLike, Mapping[str, Tensor]]): the same checkpoint.
+        report (LoadReport): what :func:`load_pretrained` returned.
+        prefixes (Sequence[str]): head key prefixes, e.g. ``("cls_head.", "cls_head_m.")``.
+
+    Returns:
+        List[str]: the keys loaded (empty when the conversion already took the head).
+
+    Raises:
+        CheckpointShapeError: a head tensor does not fit the model (e.g. another class count).
+    """
+    wanted = [k for k in report.ignored if k.startswith(tuple(prefixes))]
+    if not wanted:
+        return []
+    model = getattr(model, "module", model)
+    if isinstance(path_or_state_dict, (str, Path)):
+        source = load_state_dict_file(path_or_state_dict)
+    else:
+        source = unwrap_state_dict(path_or_state_dict)
+    expected = model.state_dict()
+    head = {k: source[k] for k in wanted if k in expected}
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+           for k, v in head.items() if v.shape != expected[k].shape]
+    if bad:
+        raise CheckpointShapeError("task-head tensors do not fit the model:\n  " + "\n  ".join(bad))
+    model.load_state_dict(head, strict=False)
+    return sorted(head)

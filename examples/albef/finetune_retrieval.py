@@ -46,7 +46,7 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
 from torchmm_ext.engine.fit import fit, TrainConfig
-from torchmm_ext.engine.recipe_utils import shapes_world_for_ranks, ShapesWorldConfig
+from torchmm_ext.engine.recipe_utils import InitConfig, shapes_world_for_ranks, ShapesWorldConfig
 from torchmm_ext.evaluation.retrieval import evaluate_retrieval, recall_metrics
 from torchmm_ext.models.albef import albef_model_for_retrieval
 
@@ -83,15 +83,6 @@ class EvalConfig:
     k_test: int = 256
     itm_batch_size: int = 256
     add_itc: bool = False  # LAVIS ranks by ITM + ITC; ALBEF by ITM alone
-
-
-@dataclass
-class InitConfig:
-    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
-    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
-
-    vision: str = ""
-    text: str = ""
 
 
 @dataclass

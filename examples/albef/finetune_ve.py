@@ -49,7 +49,13 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
 from torchmm_ext.engine.fit import fit, TrainConfig
-from torchmm_ext.engine.recipe_utils import load_task_head, rank_shard, shapes_world_for_ranks, ShapesWorldConfig
+from torchmm_ext.engine.recipe_utils import (
+    InitConfig,
+    load_task_head,
+    rank_shard,
+    shapes_world_for_ranks,
+    ShapesWorldConfig,
+)
 from torchmm_ext.models.albef import albef_model_for_ve
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ve_shapes.yaml"
@@ -82,15 +88,6 @@ class LossConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 64
-
-
-@dataclass
-class InitConfig:
-    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
-    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
-
-    vision: str = ""
-    text: str = ""
 
 
 @dataclass

@@ -14,6 +14,15 @@ from torchmm_ext.engine.distributed import barrier, is_main_process
 
 
 @dataclass
+class InitConfig:
+    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
+    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
+
+    vision: str = ""
+    text: str = ""
+
+
+@dataclass
 class ShapesWorldConfig:
     """Generate the built-in shapes world (cached under ``cache_dir``) and train on it.
 

@@ -268,6 +268,53 @@ class ALBEFForRetrieval(nn.Module):
         return ALBEFRetrievalOutput(loss_itc + loss_itm, loss_itc, loss_itm)
 
 
+def _albef_encoders(
+    preset: str,
+    sizes: Dict[str, Optional[int]],
+    *,
+    max_position_embeddings: int,
+    pad_token_id: int,
+    dropout: float,
+    drop_path_rate: float,
+) -> tuple[VisionTransformer, BERTTextEncoder, ALBEFFusionEncoder, Dict[str, int]]:
+    """The three ALBEF encoders every task builder shares; ``None`` sizes take the preset's.
+
+    Returns:
+        Tuple of the vision, text and fusion encoders and the resolved sizes.
+    """
+    if preset not in ALBEF_PRESETS:
+        raise ValueError(f"unknown ALBEF preset {preset!r}; choose one of {sorted(ALBEF_PRESETS)}")
+    cfg = {k: (v if v is not None else ALBEF_PRESETS[preset][k]) for k, v in sizes.items()}
+    vision_encoder = VisionTransformer(
+        image_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        width=cfg["vision_width"],
+        depth=cfg["vision_depth"],
+        num_heads=cfg["vision_heads"],
+        mlp_dim=cfg["vision_mlp_dim"],
+        drop_path_rate=drop_path_rate,
+    )
+    text_encoder = albef_text_encoder(
+        vocab_size=cfg["vocab_size"],
+        width=cfg["text_width"],
+        num_layers=cfg["text_layers"],
+        num_heads=cfg["text_heads"],
+        ffn_dim=cfg["text_ffn_dim"],
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=pad_token_id,
+        dropout=dropout,
+    )
+    fusion_encoder = ALBEFFusionEncoder(
+        width=cfg["text_width"],
+        image_width=cfg["vision_width"],
+        num_layers=cfg["fusion_layers"],
+        num_heads=cfg["text_heads"],
+        ffn_dim=cfg["text_ffn_dim"],
+        dropout=dropout,
+    )
+    return vision_encoder, text_encoder, fusion_encoder, cfg
+
+
 def albef_model_for_retrieval(
     preset: str = "base",
     *,
@@ -318,8 +365,6 @@ def albef_model_for_retrieval(
     Returns:
         ALBEFForRetrieval
     """
-    if preset not in ALBEF_PRESETS:
-        raise ValueError(f"unknown ALBEF preset {preset!r}; choose one of {sorted(ALBEF_PRESETS)}")
     given = dict(
         image_size=image_size,
         patch_size=patch_size,
@@ -336,33 +381,13 @@ def albef_model_for_retrieval(
         embed_dim=embed_dim,
         queue_size=queue_size,
     )
-    cfg = {k: (v if v is not None else ALBEF_PRESETS[preset][k]) for k, v in given.items()}
-    vision_encoder = VisionTransformer(
-        image_size=cfg["image_size"],
-        patch_size=cfg["patch_size"],
-        width=cfg["vision_width"],
-        depth=cfg["vision_depth"],
-        num_heads=cfg["vision_heads"],
-        mlp_dim=cfg["vision_mlp_dim"],
-        drop_path_rate=drop_path_rate,
-    )
-    text_encoder = albef_text_encoder(
-        vocab_size=cfg["vocab_size"],
-        width=cfg["text_width"],
-        num_layers=cfg["text_layers"],
-        num_heads=cfg["text_heads"],
-        ffn_dim=cfg["text_ffn_dim"],
+    vision_encoder, text_encoder, fusion_encoder, cfg = _albef_encoders(
+        preset,
+        given,
         max_position_embeddings=max_position_embeddings,
         pad_token_id=pad_token_id,
         dropout=dropout,
-    )
-    fusion_encoder = ALBEFFusionEncoder(
-        width=cfg["text_width"],
-        image_width=cfg["vision_width"],
-        num_layers=cfg["fusion_layers"],
-        num_heads=cfg["text_heads"],
-        ffn_dim=cfg["text_ffn_dim"],
-        dropout=dropout,
+        drop_path_rate=drop_path_rate,
     )
     return ALBEFForRetrieval(
         vision_encoder,
@@ -559,8 +584,6 @@ def albef_model_for_ve(
     Returns:
         ALBEFForVE
     """
-    if preset not in ALBEF_PRESETS:
-        raise ValueError(f"unknown ALBEF preset {preset!r}; choose one of {sorted(ALBEF_PRESETS)}")
     given = dict(
         image_size=image_size,
         patch_size=patch_size,
@@ -575,33 +598,13 @@ def albef_model_for_ve(
         text_ffn_dim=text_ffn_dim,
         vocab_size=vocab_size,
     )
-    cfg = {k: (v if v is not None else ALBEF_PRESETS[preset][k]) for k, v in given.items()}
-    vision_encoder = VisionTransformer(
-        image_size=cfg["image_size"],
-        patch_size=cfg["patch_size"],
-        width=cfg["vision_width"],
-        depth=cfg["vision_depth"],
-        num_heads=cfg["vision_heads"],
-        mlp_dim=cfg["vision_mlp_dim"],
-        drop_path_rate=drop_path_rate,
-    )
-    text_encoder = albef_text_encoder(
-        vocab_size=cfg["vocab_size"],
-        width=cfg["text_width"],
-        num_layers=cfg["text_layers"],
-        num_heads=cfg["text_heads"],
-        ffn_dim=cfg["text_ffn_dim"],
+    vision_encoder, text_encoder, fusion_encoder, _ = _albef_encoders(
+        preset,
+        given,
         max_position_embeddings=max_position_embeddings,
         pad_token_id=pad_token_id,
         dropout=dropout,
-    )
-    fusion_encoder = ALBEFFusionEncoder(
-        width=cfg["text_width"],
-        image_width=cfg["vision_width"],
-        num_layers=cfg["fusion_layers"],
-        num_heads=cfg["text_heads"],
-        ffn_dim=cfg["text_ffn_dim"],
-        dropout=dropout,
+        drop_path_rate=drop_path_rate,
     )
     return ALBEFForVE(vision_encoder, text_encoder, fusion_encoder, num_classes=num_classes,
                       distill=distill, momentum=momentum)

@@ -20,15 +20,12 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import (
     autocast_context,
-    build_cosine_scheduler,
-    build_optimizer,
     check_kwargs,
     cleanup,
     config_to_dict,
@@ -36,17 +33,20 @@ from torchmm_ext.engine import (
     init_distributed,
     is_main_process,
     load_config,
-    load_model_weights,
-    MetricLogger,
     parse_args,
     save_config,
     seed_everything,
     StepContext,
     StepOutput,
 )
-from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
-from torchmm_ext.engine.fit import fit, TrainConfig
-from torchmm_ext.engine.recipe_utils import InitConfig, shapes_world_for_ranks, ShapesWorldConfig
+from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.recipe_utils import (
+    initialize_weights,
+    InitConfig,
+    ramped_alpha,
+    shapes_world_for_ranks,
+    ShapesWorldConfig,
+)
 from torchmm_ext.evaluation.retrieval import evaluate_retrieval, recall_metrics
 from torchmm_ext.models.albef import albef_model_for_retrieval
 
@@ -143,12 +143,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     )
 
     # --- model ---
-    for part in (cfg.init.vision, cfg.init.text):
-        if part:
-            logger.info(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
-    if args.checkpoint:  # ours, ALBEF, TorchMultimodal, HF BERT or timm ViT/DeiT weights
-        report = load_pretrained(model, args.checkpoint)
-        logger.info(f"loaded {args.checkpoint}:\n{report.format()}")
+    initialize_weights(model, cfg.init, args.checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 
@@ -167,32 +162,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         return metrics
 
     # --- train ---
+    def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
+        alpha = cfg.loss.alpha if cfg.loss.distill else 0.0
+        alpha = ramped_alpha(alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch, ctx.steps_per_epoch)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
+        return StepOutput(out.loss, {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm})
+
     best = None
     if not args.evaluate:
-        optimizer = build_optimizer(ddp_model, cfg.train.lr, cfg.train.weight_decay)
-        steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
-        scheduler = build_cosine_scheduler(
-            optimizer, total_steps=steps_per_epoch * cfg.train.epochs,
-            warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch), min_lr=cfg.train.min_lr,
+        best = train_and_reload_best(
+            model=model, train_model=ddp_model, loader=train_loader, step_fn=step_fn,
+            train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
+            config_dict=config_to_dict(cfg),
+            evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
+            best_metric_key="r_mean", resume=args.resume,
         )
-
-        def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
-            alpha = cfg.loss.alpha if cfg.loss.distill else 0.0
-            if cfg.loss.alpha_warmup and ctx.epoch == 0:
-                alpha *= min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
-            out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
-            return StepOutput(out.loss, {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm})
-
-        with MetricLogger(output_dir, enabled=is_main_process()) as metric_logger:
-            best = fit(
-                model=ddp_model, loader=train_loader, optimizer=optimizer, scheduler=scheduler,
-                step_fn=step_fn, train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
-                config_dict=config_to_dict(cfg),
-                evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
-                best_metric_key="r_mean", resume=args.resume, metric_logger=metric_logger,
-            )
-        if best is not None:  # test the best validation checkpoint, as ALBEF does
-            load_model_weights(model, output_dir / BEST_CHECKPOINT)
 
     # --- evaluate ---
     results: Dict[str, Any] = {}

@@ -22,7 +22,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.data.datasets import RetrievalCollator, VEDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
@@ -30,8 +29,6 @@ from torchmm_ext.data.transforms import albef_test_transform, albef_train_transf
 from torchmm_ext.engine import (
     all_reduce_sum,
     autocast_context,
-    build_cosine_scheduler,
-    build_optimizer,
     check_kwargs,
     cleanup,
     config_to_dict,
@@ -39,19 +36,17 @@ from torchmm_ext.engine import (
     init_distributed,
     is_main_process,
     load_config,
-    load_model_weights,
-    MetricLogger,
     parse_args,
     save_config,
     seed_everything,
     StepContext,
     StepOutput,
 )
-from torchmm_ext.engine.checkpoint import BEST_CHECKPOINT
-from torchmm_ext.engine.fit import fit, TrainConfig
+from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
+    initialize_weights,
     InitConfig,
-    load_task_head,
+    ramped_alpha,
     rank_shard,
     shapes_world_for_ranks,
     ShapesWorldConfig,
@@ -167,24 +162,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
 
     # --- model ---
-    for part in (cfg.init.vision, cfg.init.text):
-        if part:
-            logger.info(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
-    if cfg.init.vision or cfg.init.text:
-        model.copy_params_to_momentum()  # ALBEF's copy_params after its BERT/DeiT initialisation
-    if args.checkpoint:  # ours, ALBEF, TorchMultimodal, HF BERT or timm ViT/DeiT weights
-        report = load_pretrained(model, args.checkpoint)
-        logger.info(f"loaded {args.checkpoint}:\n{report.format()}")
-        # The albef conversion ignores task heads: take a fine-tuned ALBEF VE cls_head as it is.
-        head = load_task_head(model, args.checkpoint, report, ("cls_head.", "cls_head_m."))
-        if head:
-            logger.info(f"cls_head taken from {args.checkpoint}: {', '.join(head)}")
-        # Momentum modules the checkpoint lacks (every converted checkpoint lacks the momentum
-        # fusion encoder and head: retrieval keeps none) restart from the loaded online weights.
-        missing = {key.split(".")[0] for keys in report.missing.values() for key in keys}
-        reset = model.copy_params_to_momentum(only=sorted(missing))
-        if reset:
-            logger.info(f"momentum copies reset from the online weights: {', '.join(reset)}")
+    initialize_weights(model, cfg.init, args.checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
+                       log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 
@@ -196,33 +175,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                            lambda: autocast_context(dist.device, cfg.train.precision))
 
     # --- train ---
-    best = None
+    def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
+        alpha = ramped_alpha(cfg.loss.alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch,
+                             ctx.steps_per_epoch)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
+        acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
+        return StepOutput(out.loss, {"train_acc": acc})
+
     if not args.evaluate:
-        optimizer = build_optimizer(ddp_model, cfg.train.lr, cfg.train.weight_decay)
-        steps_per_epoch = min(len(train_loader), cfg.train.max_steps_per_epoch or len(train_loader))
-        scheduler = build_cosine_scheduler(
-            optimizer, total_steps=steps_per_epoch * cfg.train.epochs,
-            warmup_steps=int(cfg.train.warmup_epochs * steps_per_epoch), min_lr=cfg.train.min_lr,
+        train_and_reload_best(
+            model=model, train_model=ddp_model, loader=train_loader, step_fn=step_fn,
+            train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
+            config_dict=config_to_dict(cfg),
+            evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
+            best_metric_key="acc", resume=args.resume,
         )
-
-        def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
-            alpha = cfg.loss.alpha
-            if cfg.loss.alpha_warmup and ctx.epoch == 0:
-                alpha *= min(1.0, ctx.step_in_epoch / ctx.steps_per_epoch)
-            out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
-            acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
-            return StepOutput(out.loss, {"train_acc": acc})
-
-        with MetricLogger(output_dir, enabled=is_main_process()) as metric_logger:
-            best = fit(
-                model=ddp_model, loader=train_loader, optimizer=optimizer, scheduler=scheduler,
-                step_fn=step_fn, train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
-                config_dict=config_to_dict(cfg),
-                evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
-                best_metric_key="acc", resume=args.resume, metric_logger=metric_logger,
-            )
-        if best is not None:  # test the best validation checkpoint, as ALBEF does
-            load_model_weights(model, output_dir / BEST_CHECKPOINT)
 
     # --- evaluate ---
     results: Dict[str, Any] = {}

@@ -82,7 +82,7 @@ def test_forward_updates_momentum_and_queue():
 def test_itm_loss_is_cross_entropy_over_positives_and_hard_negatives(monkeypatch):
     # With fixed negatives, the ITM loss equals cross-entropy of the ITM head on the
     # [positive; (text, negative image); (negative text, image)] pairs, computed separately.
-    import torchmm_ext.models.albef as albef
+    import torchmm_ext.models.albef.retrieval as albef
     from torchmm_ext.modules.losses import HardNegatives
 
     model = tiny().eval()  # no dropout

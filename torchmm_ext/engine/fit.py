@@ -15,6 +15,7 @@ from torchmm_ext.engine.checkpoint import (
     BEST_CHECKPOINT,
     build_train_state,
     LAST_CHECKPOINT,
+    load_model_weights,
     resolve_resume_path,
     restore_train_state,
     save_checkpoint,
@@ -22,7 +23,8 @@ from torchmm_ext.engine.checkpoint import (
 )
 from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
-from torchmm_ext.engine.train_loop import StepFn, train_one_epoch
+from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
+from torchmm_ext.engine.train_loop import StepFn, steps_in_epoch, train_one_epoch
 
 logger = get_logger(__name__)
 
@@ -164,4 +166,52 @@ def fit(
             metric_logger.log_epoch(epoch, epoch_metrics, step=global_step)
         logger.info(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in epoch_metrics.items()))
         barrier()
+    return best
+
+
+def train_and_reload_best(
+    *,
+    model: nn.Module,
+    train_model: nn.Module,
+    loader: Any,
+    step_fn: StepFn,
+    train_cfg: TrainConfig,
+    device: torch.device,
+    output_dir: Path,
+    config_dict: Mapping[str, Any],
+    evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
+    best_metric_key: Optional[str] = None,
+    resume: Optional[str] = None,
+) -> Optional[float]:
+    """What every fine-tuning recipe does to train: AdamW (no decay on biases/norms) with a
+    per-step cosine schedule and linear warm-up from ``train_cfg``, :func:`fit` with TensorBoard
+    and ``metrics.jsonl`` logging on rank 0, then the best validation weights back into
+    ``model`` so that the test split is scored with them, as ALBEF does.
+
+    Args:
+        model (nn.Module): the bare model (receives the best weights).
+        train_model (nn.Module): what is trained: ``model`` or its DDP wrapper.
+        loader, step_fn, train_cfg, device, output_dir, config_dict, evaluate_fn,
+        best_metric_key, resume: as in :func:`fit`.
+
+    Returns:
+        Optional[float]: the best validation metric (None without ``evaluate_fn``).
+    """
+    optimizer = build_optimizer(train_model, train_cfg.lr, train_cfg.weight_decay)
+    steps_per_epoch = steps_in_epoch(loader, train_cfg.max_steps_per_epoch)
+    scheduler = build_cosine_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * train_cfg.epochs,
+        warmup_steps=int(train_cfg.warmup_epochs * steps_per_epoch),
+        min_lr=train_cfg.min_lr,
+    )
+    with MetricLogger(output_dir, enabled=is_main_process()) as metric_logger:
+        best = fit(
+            model=train_model, loader=loader, optimizer=optimizer, scheduler=scheduler,
+            step_fn=step_fn, train_cfg=train_cfg, device=device, output_dir=output_dir,
+            config_dict=config_dict, evaluate_fn=evaluate_fn, best_metric_key=best_metric_key,
+            resume=resume, metric_logger=metric_logger,
+        )
+    if best is not None:
+        load_model_weights(model, output_dir / BEST_CHECKPOINT)
     return best

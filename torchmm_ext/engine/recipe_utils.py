@@ -2,11 +2,11 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Mapping, Sequence, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Union
 
 from torch import nn, Tensor
 
-from torchmm_ext.checkpoints.loading import CheckpointShapeError, LoadReport
+from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretrained, LoadReport
 from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, unwrap_state_dict
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
 from torchmm_ext.engine.config import config_to_dict
@@ -97,3 +97,57 @@ def load_task_head(
         raise CheckpointShapeError("task-head tensors do not fit the model:\n  " + "\n  ".join(bad))
     model.load_state_dict(head, strict=False)
     return sorted(head)
+
+
+def initialize_weights(
+    model: nn.Module,
+    init: InitConfig,
+    checkpoint: Optional[str] = None,
+    head_prefixes: Sequence[str] = (),
+    log: Optional[Callable[[str], None]] = None,
+) -> None:
+    """Load a recipe's starting weights into a freshly built model.
+
+    In order: ``init.vision`` / ``init.text`` (ALBEF's DeiT + BERT initialisation, after which
+    momentum copies take the online weights), then ``checkpoint`` in any layout
+    :func:`~torchmm_ext.checkpoints.load_pretrained` knows, then the task-head tensors of an
+    original-ALBEF checkpoint under ``head_prefixes`` (:func:`load_task_head`). Momentum modules
+    the checkpoint lacks restart from the loaded online weights (a pre-training or retrieval
+    checkpoint has no momentum fusion encoder or task head, for example).
+
+    Args:
+        model (nn.Module): the model; momentum handling needs ``copy_params_to_momentum``.
+        init (InitConfig): the ``init:`` config section.
+        checkpoint (Optional[str]): ``--checkpoint`` of the recipe.
+        head_prefixes (Sequence[str]): task-head key prefixes, e.g. ``("cls_head.", "cls_head_m.")``.
+        log (Optional[Callable[[str], None]]): where the load reports go (``logger.info``).
+    """
+    log = log or (lambda message: None)
+    copy_params = getattr(model, "copy_params_to_momentum", None)
+    for part in (init.vision, init.text):
+        if part:
+            log(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
+    if (init.vision or init.text) and copy_params is not None:
+        copy_params()  # ALBEF's copy_params after its BERT/DeiT initialisation
+    if not checkpoint:
+        return
+    report = load_pretrained(model, checkpoint)
+    log(f"loaded {checkpoint}:\n{report.format()}")
+    if head_prefixes:
+        head = load_task_head(model, checkpoint, report, head_prefixes)
+        if head:
+            log(f"task head taken from {checkpoint}: {', '.join(head)}")
+    if copy_params is not None:
+        missing = {key.split(".")[0] for keys in report.missing.values() for key in keys}
+        momentum = {name for name, _ in model.named_children() if name.endswith("_m")}
+        reset = copy_params(only=sorted(missing & momentum))
+        if reset:
+            log(f"momentum copies reset from the online weights: {', '.join(reset)}")
+
+
+def ramped_alpha(alpha: float, warmup: bool, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """ALBEF's distillation weight: ramped linearly over epoch 0 when ``warmup`` is on
+    (``alpha * min(1, step / steps_per_epoch)``), constant afterwards."""
+    if warmup and epoch == 0:
+        return alpha * min(1.0, step_in_epoch / max(steps_per_epoch, 1))
+    return alpha

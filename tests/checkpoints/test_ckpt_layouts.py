@@ -134,16 +134,12 @@ def test_qkv_split_merge_inverse() -> None:
 def test_albef_import_export_import_is_exact() -> None:
     sd = albef_state_dict()
     ours = albef_to_torchmm_ext(sd)
+    # ALBEF's momentum BERT includes fusion layers: they become our fusion_encoder_m.
+    assert {k for k in ours if k.startswith("fusion_encoder_m.")}
     back = torchmm_ext_to_albef(ours)
-    # Every key comes back; ALBEF's momentum fusion layers (which we do not keep) are rebuilt
-    # from the online fusion layers, everything else is bit-exact.
     assert set(back) == set(sd)
-    rebuilt = _momentum_fusion_keys(sd)
-    for key in set(sd) - rebuilt:
+    for key in sd:
         assert back[key].dtype == sd[key].dtype and torch.equal(back[key], sd[key]), key
-    for key in rebuilt:
-        online = key.replace("text_encoder_m.", "text_encoder.")
-        assert torch.equal(back[key], sd[online])
     again = albef_to_torchmm_ext(back)
     assert set(again) == set(ours)
     assert all(torch.equal(again[k], ours[k]) for k in ours)
@@ -152,19 +148,25 @@ def test_albef_import_export_import_is_exact() -> None:
 def test_albef_retrieval_checkpoint_loads_fully_and_numerically() -> None:
     sd = albef_state_dict()
     conversion = albef_conversion(sd)
-    assert set(conversion.ignored) == _momentum_fusion_keys(sd) | {
-        "text_encoder.embeddings.position_ids", "text_encoder_m.embeddings.position_ids"}
+    assert set(conversion.ignored) == {"text_encoder.embeddings.position_ids",
+                                       "text_encoder_m.embeddings.position_ids"}
     model = _ours()
     report = load_pretrained(model, {"model": sd, "epoch": 3})
     assert report.layout == "albef"
-    assert report.missing == {} and report.unexpected == {}
+    # The retrieval model runs no momentum fusion encoder: those tensors are reported unused.
+    assert report.missing == {} and set(report.unexpected) == {"fusion_encoder_m.layer"}
+    assert len(report.unexpected["fusion_encoder_m.layer"]) == len(_momentum_fusion_keys(sd)) - FUSION_LAYERS * 4
     # Packed q/k/v really are [query; key; value] of the same layer.
     got = model.state_dict()["fusion_encoder.layer.1.attention.input_proj.weight"]
     assert torch.equal(got[D:2 * D], sd["text_encoder.encoder.layer.3.attention.self.key.weight"])
     assert torch.equal(model.queue.ptr, sd["queue_ptr"])
-    # And the exported model reproduces the checkpoint.
+    # And the exported model reproduces the checkpoint; the momentum fusion layers it lacks are
+    # rebuilt from the online ones.
     exported = torchmm_ext_to_albef(model.state_dict())
+    assert set(exported) == set(sd)
     assert all(torch.equal(exported[k], sd[k]) for k in set(sd) - _momentum_fusion_keys(sd))
+    for key in _momentum_fusion_keys(sd):
+        assert torch.equal(exported[key], sd[key.replace("text_encoder_m.", "text_encoder.")])
 
 
 def test_albef_pretraining_checkpoint_documented_missing(tmp_path: Path) -> None:
@@ -175,12 +177,31 @@ def test_albef_pretraining_checkpoint_documented_missing(tmp_path: Path) -> None
     report = load_pretrained(model, path)
     # The pre-training model has no idx_queue: its queued features stay usable negatives
     # (id -1, not the model's empty marker -100, which would mask them).
-    assert report.missing == {} and report.unexpected == {}
+    assert report.missing == {}
+    # What retrieval has no place for: the MLM heads and the momentum fusion layers.
+    assert {g.split(".")[0] for g in report.unexpected} == {"fusion_encoder_m", "mlm_head", "mlm_head_m"}
     assert (model.queue.idx_queue == -1).all()
     assert torch.equal(model.queue.image_queue, sd["image_queue"])
     assert any("idx_queue" in note for note in report.notes)
-    assert any(k.startswith("text_encoder.cls.") for k in report.ignored)
-    assert any(k.startswith("text_encoder_m.cls.") for k in report.ignored)
+    assert not [k for k in report.ignored if ".cls." in k]
+
+
+def test_albef_mlm_head_maps_to_masked_prediction_head() -> None:
+    sd = albef_state_dict(pretraining=True)
+    ours = albef_to_torchmm_ext(sd)
+    head = "text_encoder.cls.predictions."
+    assert torch.equal(ours["mlm_head.dense.weight"], sd[head + "transform.dense.weight"])
+    assert torch.equal(ours["mlm_head.layer_norm.bias"], sd[head + "transform.LayerNorm.bias"])
+    assert torch.equal(ours["mlm_head.decoder.weight"], sd[head + "decoder.weight"])
+    # BERT ties decoder.bias to predictions.bias: the missing twin is filled.
+    assert torch.equal(ours["mlm_head.decoder.bias"], sd[head + "bias"])
+    assert torch.equal(ours["mlm_head_m.bias"], sd["text_encoder_m.cls.predictions.bias"])
+    # Export goes back to the pre-training layout (BertForMaskedLM: text_encoder.bert.*).
+    back = torchmm_ext_to_albef(ours)
+    assert set(sd) <= set(back)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    assert set(back) - set(sd) == {"idx_queue", "text_encoder.cls.predictions.decoder.bias",
+                                   "text_encoder_m.cls.predictions.decoder.bias"}
 
 
 def test_albef_finetuned_without_momentum_fills_copies() -> None:

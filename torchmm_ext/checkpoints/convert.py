@@ -48,8 +48,8 @@ class Conversion(NamedTuple):
 
     Attributes:
         state_dict (StateDict): the converted tensors.
-        ignored (List[str]): source keys that have no place in the target (e.g. ALBEF's MLM
-            head ``text_encoder.cls.*``, the momentum fusion layers).
+        ignored (List[str]): source keys that have no place in the target (e.g. BERT's
+            ``position_ids`` buffers, TorchMultimodal's momentum answer decoder).
         notes (List[str]): what was synthesised or changed (momentum copies filled from the
             online weights, position embeddings interpolated, ...).
     """
@@ -127,6 +127,14 @@ _BERT_LAYER = _wb(
 )
 _BERT_TEXT_LAYER = {k: v for k, v in _BERT_LAYER.items() if not k.startswith("crossattention.")}
 _BERT_QKV = ("attention.self.query", "attention.self.key", "attention.self.value")
+# BERT's MLM / LM head (``cls.predictions.*``) -> torchmultimodal's ``MaskedPredictionHead``
+# (our pre-training ``mlm_head`` and the VQA decoder's ``lm_head``).
+_BERT_LM_HEAD = {
+    **_wb({"predictions.transform.dense": "dense", "predictions.transform.LayerNorm": "layer_norm"}),
+    "predictions.bias": "bias",
+    "predictions.decoder.weight": "decoder.weight",
+    "predictions.decoder.bias": "decoder.bias",
+}
 _TMM_LAYER = _wb(
     {
         "attention.output": "attention.output_proj",
@@ -268,6 +276,13 @@ _MOMENTUM_PAIRS = (
     ("vision_proj.", "vision_proj_m."),
     ("text_proj.", "text_proj_m."),
 )
+# Momentum modules only some task models have: filled only for a target model that has them.
+_TASK_MOMENTUM_PAIRS = (
+    ("fusion_encoder.", "fusion_encoder_m."),
+    ("mlm_head.", "mlm_head_m."),
+    ("answer_decoder.", "answer_decoder_m."),
+    ("cls_head.", "cls_head_m."),
+)
 
 
 def fill_momentum(state_dict: StateDict, notes: Optional[List[str]] = None,
@@ -280,12 +295,14 @@ def fill_momentum(state_dict: StateDict, notes: Optional[List[str]] = None,
         state_dict (StateDict): converted state dict, modified in place.
         notes (Optional[List[str]]): receives one line per filled module.
         wanted (Optional[Set[str]]): if given, only momentum keys in this set are written
-            (the target model's keys).
+            (the target model's keys), and the momentum copies of task modules (fusion
+            encoder, MLM head, answer decoder, classifier head) are filled too.
 
     Returns:
         StateDict: ``state_dict``.
     """
-    for online, momentum in _MOMENTUM_PAIRS:
+    pairs = _MOMENTUM_PAIRS if wanted is None else _MOMENTUM_PAIRS + _TASK_MOMENTUM_PAIRS
+    for online, momentum in pairs:
         if any(k.startswith(momentum) for k in state_dict):
             continue
         filled = 0
@@ -381,6 +398,51 @@ def _bert_import(
     _import_layers(src, "encoder.layer.", fusion_dst, _BERT_LAYER, _BERT_QKV, out, used)
 
 
+def _import_lm_head(
+    src: Mapping[str, Tensor],
+    dst: str,
+    word_embeddings_key: Optional[str],
+    out: StateDict,
+    used: Set[str],
+    used_prefix: str = "",
+) -> None:
+    """BERT ``cls.*`` keys (relative to ``cls.``) -> a ``MaskedPredictionHead`` under ``dst``.
+
+    BERT ties the head's decoder weight to the word embeddings and its decoder bias to
+    ``predictions.bias``: tied tensors a checkpoint leaves out are filled from their twins."""
+    sub_used: Set[str] = set()
+    _import_flat(src, _BERT_LM_HEAD, dst, out, sub_used)
+    used |= _prefixed(sub_used, used_prefix)
+    if not sub_used:
+        return
+    for a, b in (("bias", "decoder.bias"), ("decoder.bias", "bias")):
+        if dst + a in out and dst + b not in out:
+            out[dst + b] = out[dst + a]
+    if dst + "decoder.weight" not in out and word_embeddings_key in out:
+        out[dst + "decoder.weight"] = out[word_embeddings_key]
+
+
+def _export_lm_head(src: Mapping[str, Tensor], prefix: str, dst: str, out: StateDict, used: Set[str]) -> None:
+    """Inverse of :func:`_import_lm_head`: ``prefix`` (our head) -> BERT ``dst`` (``...cls.``)."""
+    for theirs, ours in _BERT_LM_HEAD.items():
+        if prefix + ours in src:
+            out[dst + theirs] = src[prefix + ours]
+            used.add(prefix + ours)
+
+
+def _import_albef_decoder(src: Mapping[str, Tensor], theirs: str, ours: str, out: StateDict, used: Set[str]) -> None:
+    """ALBEF's VQA answer decoder (``BertLMHeadModel``: ``bert.embeddings``, ``bert.encoder.layer.N``
+    with cross-attention in every layer, ``cls.predictions``) -> ``ours`` (``answer_decoder.``:
+    ``embeddings``, ``layers.layer.N``, ``lm_head``)."""
+    sub = {re.sub(r"^bert\.", "", k): v for k, v in _sub(src, theirs).items()}
+    back = {re.sub(r"^bert\.", "", k): k for k in _sub(src, theirs)}
+    sub_used: Set[str] = set()
+    _bert_import(sub, ours, f"{ours}layers.", 0, out, sub_used)
+    _import_lm_head(_sub(sub, "cls."), f"{ours}lm_head.", f"{ours}embeddings.word_embeddings.weight",
+                    out, sub_used, "cls.")
+    used |= {theirs + back[k] for k in sub_used}
+
+
 def hf_bert_conversion(
     state_dict: Mapping[str, Tensor],
     fusion_layer: int = 6,
@@ -393,6 +455,8 @@ def hf_bert_conversion(
     out: StateDict = {}
     used: Set[str] = set()
     _bert_import(src, text_prefix, fusion_prefix, fusion_layer, out, used)
+    _import_lm_head(_sub(src, "cls."), "mlm_head.", f"{text_prefix}embeddings.word_embeddings.weight",
+                    out, used, "cls.")
     notes = []
     if any(k.startswith(fusion_prefix) for k in out):
         notes.append(f"{fusion_prefix.rstrip('.')}: cross-attention not in a BERT checkpoint, "
@@ -474,10 +538,16 @@ def albef_conversion(
         _import_flat(sub, _TIMM_TOP, ours, out, sub_used)
         _import_layers(sub, "blocks.", _numbered(f"{ours}blocks."), _TIMM_BLOCK, None, out, sub_used)
         used |= _prefixed(sub_used, theirs)
-    for theirs, fusion_prefix in (("text_encoder.", "fusion_encoder."), ("text_encoder_m.", None)):
+    for theirs, fusion_prefix, head in (("text_encoder.", "fusion_encoder.", "mlm_head."),
+                                        ("text_encoder_m.", "fusion_encoder_m.", "mlm_head_m.")):
         sub, sub_used = _sub(src, theirs), set()
         _bert_import(sub, theirs, fusion_prefix, fusion, out, sub_used)
+        # Pre-training checkpoints: BertForMaskedLM's MLM head.
+        _import_lm_head(_sub(sub, "cls."), head, f"{theirs}embeddings.word_embeddings.weight",
+                        out, sub_used, "cls.")
         used |= _prefixed(sub_used, theirs)
+    for theirs, ours in (("text_decoder.", "answer_decoder."), ("text_decoder_m.", "answer_decoder_m.")):
+        _import_albef_decoder(src, theirs, ours, out, used)
     for key in _ALBEF_DIRECT:
         if key in src:
             out[key] = src[key]
@@ -485,10 +555,6 @@ def albef_conversion(
     _import_flat(src, _ALBEF_QUEUES, "", out, used)
 
     notes: List[str] = []
-    if any(k.startswith("text_encoder_m.encoder.layer.") and int(k.split(".")[3]) >= fusion
-           for k in src):
-        notes.append(f"text_encoder_m layers >= {fusion} (ALBEF's momentum fusion layers) dropped: "
-                     "retrieval never runs a momentum fusion encoder")
     if fill_momentum_weights:
         fill_momentum(out, notes)
     if "queue.image_queue" in out and "queue.idx_queue" not in out:
@@ -512,10 +578,13 @@ def albef_to_torchmm_ext(
 ) -> StateDict:
     """Converts an original ALBEF state dict to our layout.
 
-    Accepts the pre-training form (``text_encoder.bert.*``, MLM head ``text_encoder.cls.*``,
-    which is dropped) and the fine-tuned form (``text_encoder.*``). The momentum text encoder's
-    fusion layers are dropped (our model has no momentum fusion encoder). Momentum weights absent
-    from the checkpoint (released fine-tuned files) are copied from the online weights.
+    Accepts the pre-training form (``text_encoder.bert.*``, MLM head ``text_encoder.cls.*`` ->
+    ``mlm_head``), the fine-tuned forms (``text_encoder.*``; VQA's ``text_decoder.*`` ->
+    ``answer_decoder``) and NLVR2's 18-layer text encoder (layers from ``fusion_layer`` on ->
+    ``fusion_encoder.layer.*`` in order). The momentum text encoder's fusion layers become
+    ``fusion_encoder_m``. Momentum weights absent from the checkpoint (released fine-tuned files)
+    are copied from the online weights. Task heads (``cls_head``) keep ALBEF's names and are
+    left to :func:`~torchmm_ext.engine.recipe_utils.load_task_head`.
 
     Args:
         state_dict (Mapping[str, Tensor]): unwrapped ALBEF state dict.
@@ -555,11 +624,27 @@ def torchmm_ext_to_albef_conversion(state_dict: Mapping[str, Tensor], *, momentu
         max_pos = sub["embeddings.position_embeddings.weight"].shape[0]
         out[f"{theirs}embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
     num_text = len(_layer_indices(src, "text_encoder.encoder.layer."))
-    fusion_src, fusion_used = _sub(src, "fusion_encoder."), set()  # type: Dict[str, Tensor], Set[str]
-    _export_layers(fusion_src, "layer.", _numbered("text_encoder.encoder.layer.", num_text),
-                   _BERT_LAYER, _BERT_QKV, out, fusion_used)
-    used |= _prefixed(fusion_used, "fusion_encoder.")
-    if momentum_fusion and fusion_src and any(k.startswith("text_encoder_m.") for k in out):
+    for ours, theirs in (("fusion_encoder.", "text_encoder."), ("fusion_encoder_m.", "text_encoder_m.")):
+        fusion_src, fusion_used = _sub(src, ours), set()  # type: Dict[str, Tensor], Set[str]
+        _export_layers(fusion_src, "layer.", _numbered(f"{theirs}encoder.layer.", num_text),
+                       _BERT_LAYER, _BERT_QKV, out, fusion_used)
+        used |= _prefixed(fusion_used, ours)
+    for ours, theirs in (("mlm_head.", "text_encoder.cls."), ("mlm_head_m.", "text_encoder_m.cls.")):
+        _export_lm_head(src, ours, theirs, out, used)
+    for ours, theirs in (("answer_decoder.", "text_decoder."), ("answer_decoder_m.", "text_decoder_m.")):
+        decoder_src, decoder_used = _sub(src, ours), set()
+        if not decoder_src:
+            continue
+        _import_flat(decoder_src, bert_inverse_emb, f"{theirs}bert.", out, decoder_used)
+        _export_layers(decoder_src, "layers.layer.", _numbered(f"{theirs}bert.encoder.layer."),
+                       _BERT_LAYER, _BERT_QKV, out, decoder_used)
+        _export_lm_head(decoder_src, "lm_head.", f"{theirs}cls.", out, decoder_used)
+        max_pos = decoder_src["embeddings.position_embeddings.weight"].shape[0]
+        out[f"{theirs}bert.embeddings.position_ids"] = torch.arange(max_pos).unsqueeze(0)
+        used |= _prefixed(decoder_used, ours)
+    has_momentum_fusion = any(k.startswith("fusion_encoder_m.") for k in src)
+    if momentum_fusion and not has_momentum_fusion and any(k.startswith("fusion_encoder.") for k in src) \
+            and any(k.startswith("text_encoder_m.") for k in out):
         # ALBEF's momentum BERT has fusion layers too (unused by retrieval): copy the online ones.
         for key in [k for k in out if k.startswith("text_encoder.encoder.layer.")]:
             if int(key.split(".")[3]) >= num_text:
@@ -571,6 +656,13 @@ def torchmm_ext_to_albef_conversion(state_dict: Mapping[str, Tensor], *, momentu
             out[key] = src[key]
             used.add(key)
     _import_flat(src, {d: s for s, d in _ALBEF_QUEUES.items()}, "", out, used)
+    for key in src:  # task heads (SNLI-VE / NLVR2 ``cls_head``) have ALBEF's names already
+        if key.startswith(("cls_head.", "cls_head_m.")):
+            out[key] = src[key]
+            used.add(key)
+    if any(k.startswith("text_encoder.cls.") for k in out):
+        # A model with an MLM head exports to ALBEF's pre-training layout (BertForMaskedLM).
+        out = {re.sub(r"^(text_encoder(_m)?)\.(?!cls\.)", r"\1.bert.", k): v for k, v in out.items()}
     return Conversion(out, sorted(set(src) - used), notes)
 
 

@@ -725,14 +725,33 @@ def torchmultimodal_conversion(
             _import_flat(sub, emb, ours, out, sub_used)
         _import_layers(sub, layer_prefix, _numbered(dst), _TMM_LAYER, _TMM_QKV, out, sub_used)
         used |= _prefixed(sub_used, theirs)
+    # The momentum fusion encoder (TorchMultimodal keeps one for VQA) and the VQA answer
+    # decoder (examples/albef ALBEFDecoder: text_embeddings, multimodal_encoder, prediction_head).
+    decoder_emb = {f"text_{k}": k for k in emb}
+    head = {**_wb({"prediction_head.dense": "lm_head.dense", "prediction_head.layer_norm": "lm_head.layer_norm"}),
+            "prediction_head.decoder.weight": "lm_head.decoder.weight",
+            "prediction_head.decoder.bias": "lm_head.bias"}
+    for theirs, ours in (("multimodal_encoder_m.", "fusion_encoder_m."), ("answer_decoder.", "answer_decoder."),
+                         ("answer_decoder_m.", "answer_decoder_m.")):
+        sub, sub_used = _sub(src, theirs), set()
+        is_decoder = theirs.startswith("answer_decoder")
+        layer_prefix, dst = ("multimodal_encoder.layer.", f"{ours}layers.layer.") if is_decoder else ("layer.", f"{ours}layer.")
+        _import_layers(sub, layer_prefix, _numbered(dst), _TMM_LAYER, _TMM_QKV, out, sub_used)
+        if is_decoder:
+            _import_flat(sub, decoder_emb, ours, out, sub_used)
+            _import_flat(sub, head, ours, out, sub_used)
+            if f"{ours}lm_head.bias" in out:
+                out[f"{ours}lm_head.decoder.bias"] = out[f"{ours}lm_head.bias"]
+        used |= _prefixed(sub_used, theirs)
     for key in _ALBEF_DIRECT:
         if key in src:
             out[key] = src[key]
             used.add(key)
     _import_flat(src, _ALBEF_QUEUES, "", out, used)
     notes: List[str] = []
-    if any(k.startswith("multimodal_encoder_m.") for k in src):
-        notes.append("multimodal_encoder_m dropped: retrieval never runs a momentum fusion encoder")
+    if "answer_decoder.lm_head.decoder.weight" in out:
+        notes.append("answer_decoder.lm_head.decoder.weight: TorchMultimodal's prediction head is not tied "
+                     "to the decoder's word embeddings; ours is (BERT/ALBEF), the head's copy is loaded last")
     fill_momentum(out, notes)
     interpolate_vision_pos_embeds(out, image_size, notes)
     return Conversion(out, sorted(original[k] for k in set(src) - used), notes)
@@ -744,8 +763,9 @@ def torchmultimodal_to_torchmm_ext(
     """Converts TorchMultimodal's ALBEF (``examples/albef``: ``ALBEFModelForRetrieval`` with
     ``model_with_similarity.albef_model.{vision_encoder (torchvision ViT), text_encoder,
     multimodal_encoder}[_m]``, projections, queues, ``itm_head``; the VQA model's
-    ``model.*`` encoder part) to our layout. Names follow the installed torchmultimodal's
-    modules; the momentum multimodal encoder and the VQA answer decoder are dropped.
+    ``model.*`` encoder part and its ``answer_decoder[_m]``) to our layout. Names follow the
+    installed torchmultimodal's modules; the momentum multimodal encoder becomes
+    ``fusion_encoder_m``, the answer decoder ``answer_decoder`` (embeddings, layers, lm_head).
 
     Args:
         state_dict (Mapping[str, Tensor]): unwrapped TorchMultimodal state dict.

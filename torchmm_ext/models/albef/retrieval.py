@@ -7,7 +7,7 @@ can be overridden by keyword.
 """
 
 import copy
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from torchmm_ext.modules.vision_transformer import VisionTransformer
 # Similarity given to empty queue slots: exp() underflows to 0 in fp32 while 0 * log_softmax
 # stays finite (-inf would give NaN).
 _MASKED = -1e4
+# Queue id of a feature that is nobody's positive: ALBEF pre-training's identity targets (and
+# ALBEF's imported pre-training queues, which carry no ids).
+_NO_IDX = -1
 
 
 class ALBEFRetrievalOutput(NamedTuple):
@@ -37,6 +40,22 @@ class ALBEFRetrievalOutput(NamedTuple):
     loss: Tensor
     loss_itc: Tensor
     loss_itm: Tensor
+
+
+class ITCITMOutput(NamedTuple):
+    """What :meth:`ALBEFForRetrieval.itc_itm_losses` returns.
+
+    Attributes:
+        loss_itc (Tensor): image-text contrastive loss.
+        loss_itm (Tensor): image-text matching loss.
+        image_embeddings (Tensor): online image tokens ``[B, N, Dv]`` (with gradient).
+        image_embeddings_m (Tensor): momentum image tokens ``[B, N, Dv]`` (no gradient).
+    """
+
+    loss_itc: Tensor
+    loss_itm: Tensor
+    image_embeddings: Tensor
+    image_embeddings_m: Tensor
 
 
 class ALBEFForRetrieval(nn.Module):
@@ -100,7 +119,8 @@ class ALBEFForRetrieval(nn.Module):
         self.text_encoder_m = copy.deepcopy(text_encoder)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_proj_m = copy.deepcopy(self.text_proj)
-        for module in self._momentum_pairs()[1]:
+        # This class's copies only: a subclass's extra momentum modules do not exist yet.
+        for module in ALBEFForRetrieval._momentum_pairs(self)[1]:
             remove_grad(module)
         self.queue = FeatureQueue(embed_dim, queue_size)
         self.itc_loss = ImageTextContrastiveLoss()
@@ -109,6 +129,26 @@ class ALBEFForRetrieval(nn.Module):
         online = [self.vision_encoder, self.text_encoder, self.vision_proj, self.text_proj]
         copies = [self.vision_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m]
         return online, copies
+
+    @torch.no_grad()
+    def copy_params_to_momentum(self, only: Optional[Sequence[str]] = None) -> List[str]:
+        """Momentum copies <- online weights (ALBEF's ``copy_params``). A recipe calls it after
+        loading weights into the online modules, e.g. from a checkpoint without momentum weights.
+
+        Args:
+            only (Optional[Sequence[str]]): names of the momentum modules to reset (e.g.
+                ``["text_encoder_m"]``); all of them when None.
+
+        Returns:
+            List[str]: the momentum modules reset.
+        """
+        done = []
+        for module, module_m in zip(*self._momentum_pairs()):
+            name = next(n for n, m in self.named_children() if m is module_m)
+            if only is None or name in only:
+                module_m.load_state_dict(module.state_dict())
+                done.append(name)
+        return done
 
     def encode_image(self, image: Tensor) -> ImageEncoding:
         """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``."""
@@ -160,10 +200,36 @@ class ALBEFForRetrieval(nn.Module):
         idx: Tensor,
         alpha: float = 0.0,
     ) -> ALBEFRetrievalOutput:
+        out = self.itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
+        return ALBEFRetrievalOutput(out.loss_itc + out.loss_itm, out.loss_itc, out.loss_itm)
+
+    def itc_itm_losses(
+        self,
+        image: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        idx: Optional[Tensor] = None,
+        alpha: float = 0.0,
+    ) -> ITCITMOutput:
+        """One EMA step of the momentum copies, then ITC (queue, momentum distillation) and ITM
+        (hard negatives): the training losses retrieval and pre-training share.
+
+        Args:
+            image, input_ids, attention_mask, alpha: as in :meth:`forward`.
+            idx (Optional[Tensor]): ``[B]`` image ids; ``None`` makes each pair its own only
+                positive and its queued features nobody's positive (ALBEF pre-training).
+
+        Returns:
+            ITCITMOutput
+        """
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
-        idx = idx.view(-1)
         batch_size = image.size(0)
+        if idx is None:
+            idx = torch.arange(batch_size, device=image.device)
+            queued_idx = torch.full_like(idx, _NO_IDX)
+        else:
+            idx = queued_idx = idx.view(-1)
         image_enc = self.encode_image(image)
         text_enc = self.encode_text(input_ids, attention_mask)
 
@@ -193,7 +259,7 @@ class ALBEFForRetrieval(nn.Module):
         sim_i2t = (image_feat @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
         sim_t2i = (text_feat @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
         loss_itc = self.itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, sim_targets, alpha)
-        self.queue.enqueue(image_feat_m, text_feat_m, idx)
+        self.queue.enqueue(image_feat_m, text_feat_m, queued_idx)
 
         # ITM on [positives; (text, hard-negative image); (hard-negative text, image)], one
         # fusion pass where each image's keys/values are projected once.
@@ -208,7 +274,7 @@ class ALBEFForRetrieval(nn.Module):
             image_index=image_index,
         )
         loss_itm = F.cross_entropy(logits.float(), itm_labels(batch_size, image.device))
-        return ALBEFRetrievalOutput(loss_itc + loss_itm, loss_itc, loss_itm)
+        return ITCITMOutput(loss_itc, loss_itm, image_enc.embeddings, image_m)
 
 
 def albef_model_for_retrieval(

@@ -231,6 +231,7 @@ class FusionLayer(nn.Module):
         k, v = F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
         k = k.reshape(b, length, h, d // h).transpose(1, 2)
         v = v.reshape(b, length, h, d // h).transpose(1, 2)
+        text_mask = text_mask[:, :, :1]  # the first query's row (a no-op for a [P, 1, 1, L] mask)
         out = F.scaled_dot_product_attention(q, k, v, text_mask, attn.dropout if self.training else 0.0)
         return attn.output_proj(out.transpose(1, 2).reshape(b, 1, d))
 
@@ -248,7 +249,8 @@ class FusionLayer(nn.Module):
         """
         Inputs:
             x (Tensor): text states ``[P, L, D]``.
-            text_mask (Tensor): boolean SDPA mask ``[P, 1, 1, L]``.
+            text_mask (Tensor): boolean SDPA mask ``[P, 1, 1, L]`` (padding), or ``[P, 1, L, L]``
+                (padding and causal, for a decoder).
             image_embeddings (Tensor): ``[P, N, Dv]``, or ``[U, N, Dv]`` with ``image_index``.
             image_index (Optional[Tensor]): ``[P]`` row of ``image_embeddings`` for each pair.
             image_mask (Optional[Tensor]): boolean ``[P, 1, 1, N]`` mask of image tokens.
@@ -283,6 +285,11 @@ class FusionLayer(nn.Module):
 class ALBEFFusionEncoder(nn.Module):
     """ALBEF's fusion encoder: BERT layers ``fusion_layer..11`` with cross-attention.
 
+    With ``causal=True`` the same stack is a BERT decoder (ALBEF's ``BertLMHeadModel`` layers):
+    each token's self-attention sees only itself and earlier tokens, and the cross-attention
+    reads any memory (``image_embeddings`` may then be, e.g., fused question states, with
+    ``image_width`` = their width and ``image_attention_mask`` their padding).
+
     Args:
         width (int): text hidden size.
         image_width (int): image token size.
@@ -291,6 +298,7 @@ class ALBEFFusionEncoder(nn.Module):
         ffn_dim (int): feed-forward hidden size.
         dropout (float): hidden dropout.
         layer_norm_eps (float): LayerNorm epsilon.
+        causal (bool): causal (left-to-right) self-attention. Default: ``False``.
 
     Inputs:
         text_embeddings (Tensor): text-encoder states ``[P, L, D]``.
@@ -318,8 +326,10 @@ class ALBEFFusionEncoder(nn.Module):
         ffn_dim: int = 3072,
         dropout: float = 0.1,
         layer_norm_eps: float = 1e-12,
+        causal: bool = False,
     ) -> None:
         super().__init__()
+        self.causal = causal
         self.layer = nn.ModuleList(
             FusionLayer(width, image_width, num_heads, ffn_dim, dropout, layer_norm_eps)
             for _ in range(num_layers)
@@ -338,6 +348,10 @@ class ALBEFFusionEncoder(nn.Module):
         cls_only: bool = False,
     ) -> FusionOutput:
         text_mask = padding_mask(text_attention_mask)
+        if self.causal:
+            length = text_attention_mask.size(1)
+            causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+            text_mask = text_mask & causal  # [P, 1, L, L]
         image_mask = None
         if image_attention_mask is not None:
             image_mask = padding_mask(image_attention_mask)

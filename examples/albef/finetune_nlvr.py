@@ -1,0 +1,193 @@
+"""Fine-tune ALBEF for NLVR2 (is a sentence true of a pair of images?) and evaluate accuracy on
+dev and test; the best dev epoch is tested, as in ALBEF's ``NLVR.py``.
+
+    # built-in shapes world, tiny model, CPU: TA pre-training first (pretrain_nlvr.py), then
+    python examples/albef/finetune_nlvr.py --checkpoint outputs/albef_nlvr_ta_shapes/checkpoint_best.pth
+    # or from scratch (no --checkpoint); 2 processes: torchrun --nproc_per_node=2 ...
+    # NLVR2 with ALBEF's hyperparameters from the TA checkpoint
+    torchrun --nproc_per_node=8 examples/albef/finetune_nlvr.py \
+        --config examples/albef/configs/nlvr2.yaml --checkpoint outputs/albef_nlvr_ta_4m/checkpoint_last.pth
+
+``--checkpoint`` takes a TA checkpoint (its ``ta_head`` is dropped, the 2-way ``cls_head`` starts
+fresh), an NLVR2 one (ours or original ALBEF's, head included), or a single-image ALBEF
+checkpoint (fusion layers duplicated for the two images). Any config key can be overridden:
+``--opts train.lr=2e-5 loss.alpha=0.4``.
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+
+from finetune_ve import ve_accuracy  # classification accuracy of model.predict (labels in "idx")
+from pretrain_nlvr import dual_image_checkpoint
+from torchmm_ext.data.datasets import NLVRCollator, NLVRDataset
+from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
+from torchmm_ext.data.tokenizer import build_tokenizer
+from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
+from torchmm_ext.engine import (
+    autocast_context,
+    check_kwargs,
+    cleanup,
+    config_to_dict,
+    get_logger,
+    init_distributed,
+    is_main_process,
+    load_config,
+    parse_args,
+    save_config,
+    seed_everything,
+    StepContext,
+    StepOutput,
+)
+from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.recipe_utils import (
+    initialize_weights,
+    InitConfig,
+    ramped_alpha,
+    rank_shard,
+    shapes_world_for_ranks,
+    ShapesWorldConfig,
+)
+from torchmm_ext.models.albef import albef_model_for_nlvr
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "nlvr_shapes.yaml"
+logger = get_logger("finetune_nlvr")
+
+
+@dataclass
+class DataConfig:
+    shapes: Optional[ShapesWorldConfig] = None  # set: use the built-in world's files
+    train_file: str = ""  # ALBEF JSON files: {images: [a, b], sentence, label: "True" | "False"}
+    dev_file: str = ""
+    test_file: str = ""
+    image_root: str = ""
+    tokenizer: str = "bert-base-uncased"  # "shapes", a tokenizer directory or a hub name
+    max_words: int = 30
+    max_tokens: int = 40
+    crop_scale: List[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: bool = True  # each image flipped on its own, as in ALBEF
+    randaugment: bool = True
+    skip_bad_samples: bool = False
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 0.4  # momentum-distillation weight (model.distill must be true)
+    alpha_warmup: bool = True  # ramp alpha linearly over the first epoch
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+
+
+@dataclass
+class NLVRConfig:
+    model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_nlvr kwargs
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/albef_nlvr"
+
+
+def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
+    """Point the file fields at the shapes world when ``data.shapes`` is set (generating it
+    once, cached); returns the world's text corpus for the ``"shapes"`` tokenizer."""
+    if cfg.shapes is None:
+        return None
+    world = shapes_world_for_ranks(cfg.shapes)
+    cfg.train_file, cfg.dev_file, cfg.test_file = str(world.nlvr_train), str(world.nlvr_dev), str(world.nlvr_test)
+    cfg.image_root = str(world.image_root)
+    return world.vocab_corpus
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
+    cfg = load_config(args.config, NLVRConfig, args.opts)
+    check_kwargs(albef_model_for_nlvr, cfg.model, "model")
+    output_dir = Path(args.output_dir or cfg.output_dir)
+    dist = init_distributed()
+    seed_everything(cfg.train.seed, dist.rank)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+
+    # --- data (the model is built here: its image size sets the transforms) ---
+    data = cfg.data
+    corpus_file = resolve_data_files(data)
+    tokenizer = build_tokenizer(data.tokenizer, corpus_file=corpus_file)
+    model_kwargs = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, **cfg.model}
+    model = albef_model_for_nlvr(**model_kwargs)
+    image_size = model.vision_encoder.image_size
+    collate = NLVRCollator(tokenizer, data.max_tokens)
+    train_set = NLVRDataset(
+        data.train_file, data.image_root,
+        albef_train_transform(image_size, tuple(data.crop_scale), data.hflip, data.randaugment),
+        max_words=data.max_words, skip_bad_samples=data.skip_bad_samples,
+    )
+    test_transform = albef_test_transform(image_size)
+    eval_sets = {
+        split: NLVRDataset(path, data.image_root, test_transform, data.max_words)
+        for split, path in (("dev", data.dev_file), ("test", data.test_file)) if path
+    }
+    train_loader = build_dataloader(
+        train_set, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.train.num_workers,
+        collate_fn=collate, drop_last=True, seed=cfg.train.seed,
+    )
+
+    # --- model ---
+    checkpoint = args.checkpoint
+    if checkpoint:
+        checkpoint = dual_image_checkpoint(checkpoint, model.fusion_encoder.num_layer_pairs)
+    initialize_weights(model, cfg.init, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
+                       log=logger.info)
+    model.to(dist.device)
+    ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
+
+    def evaluate(split: str) -> Dict[str, float]:
+        dataset = eval_sets[split]
+        shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
+        loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
+        return ve_accuracy(model, loader, dist.device,
+                           lambda: autocast_context(dist.device, cfg.train.precision))
+
+    # --- train ---
+    def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
+        alpha = ramped_alpha(cfg.loss.alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch,
+                             ctx.steps_per_epoch)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
+        acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
+        return StepOutput(out.loss, {"train_acc": acc})
+
+    if not args.evaluate:
+        train_and_reload_best(
+            model=model, train_model=ddp_model, loader=train_loader, step_fn=step_fn,
+            train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
+            config_dict=config_to_dict(cfg),
+            evaluate_fn=(lambda epoch: evaluate("dev")) if "dev" in eval_sets else None,
+            best_metric_key="acc", resume=args.resume,
+        )
+
+    # --- evaluate ---
+    results: Dict[str, Any] = {}
+    for split in eval_sets:
+        results[split] = evaluate(split)
+        logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in results[split].items()}))
+    if is_main_process():
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        for split, m in results.items():
+            print(f"[{split}] acc {m['acc']:.2f}")
+    cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

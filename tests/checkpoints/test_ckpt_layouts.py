@@ -387,3 +387,111 @@ def test_hf_bert_initialises_text_and_fusion(tmp_path: Path) -> None:
     state = model.state_dict()
     assert torch.equal(state["fusion_encoder.layer.0.feedforward.model.0.weight"],
                        bert.state_dict()[f"bert.encoder.layer.{TEXT_LAYERS}.intermediate.dense.weight"])
+
+
+def _albef_vqa_state_dict() -> tuple:
+    """A bare fine-tuned ALBEF VQA state dict (``models/model_vqa.py``: ``text_encoder`` =
+    ``BertModel`` without prefix, ``text_decoder`` = ``BertLMHeadModel``) whose decoder is a
+    real Hugging Face ``BertLMHeadModel`` (the class ALBEF's decoder derives from), returned too."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    sd = {k: v for k, v in albef_state_dict(momentum=False).items()
+          if not k.startswith(("image_queue", "text_queue", "idx_queue", "queue_ptr", "vision_proj",
+                                "text_proj", "itm_head", "temp"))}
+    torch.manual_seed(3)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=FUSION_LAYERS, num_attention_heads=2,
+                        intermediate_size=FFN, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        is_decoder=True, add_cross_attention=True)
+    decoder = BertLMHeadModel(config).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases
+        for name, p in decoder.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    sd.update({f"text_decoder.{k}": v.clone() for k, v in decoder.state_dict().items()})
+    return sd, decoder
+
+
+def _ours_vqa() -> nn.Module:
+    from torchmm_ext.models.albef import albef_model_for_vqa
+
+    return albef_model_for_vqa(
+        "tiny", image_size=IMAGE, patch_size=PATCH, vision_width=DV, vision_depth=VDEPTH,
+        vision_heads=2, vision_mlp_dim=FFN, text_width=D, text_layers=TEXT_LAYERS,
+        fusion_layers=FUSION_LAYERS, text_heads=2, text_ffn_dim=FFN, vocab_size=VOCAB, dropout=0.0,
+    ).eval()
+
+
+def test_albef_vqa_checkpoint_decoder_matches_bert_lm_head_model() -> None:
+    sd, reference = _albef_vqa_state_dict()
+    model = _ours_vqa()
+    report = load_pretrained(model, sd)
+    assert report.missing == {} and report.unexpected == {}
+    # Released fine-tuned files have no momentum weights: every copy comes from the online one.
+    assert any(n.startswith("answer_decoder_m") for n in report.notes)
+    assert not [k for k in report.ignored if "position_ids" not in k]
+    questions = torch.randn(2, 5, D)
+    question_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    answers = torch.randint(1, VOCAB, (2, 4))
+    answer_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        ours = model.answer_decoder(answers, answer_mask, questions, question_mask)
+        theirs = reference(input_ids=answers, attention_mask=answer_mask, encoder_hidden_states=questions,
+                           encoder_attention_mask=question_mask).logits
+    valid = answer_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_albef_vqa_import_export_import_is_exact() -> None:
+    sd, _ = _albef_vqa_state_dict()
+    ours = albef_to_torchmm_ext(sd)
+    assert {k.split(".")[0] for k in ours} >= {"answer_decoder", "vision_encoder", "fusion_encoder"}
+    back = torchmm_ext_to_albef(ours)
+    # Every tensor ALBEF's VQA model holds comes back bit-exact (plus its momentum copies,
+    # which the conversion fills from the online weights).
+    assert all(torch.equal(back[k], sd[k]) for k in sd if k in back)
+    assert not [k for k in sd if k not in back and "position_ids" not in k]
+    again = albef_to_torchmm_ext(back)
+    assert set(ours) <= set(again) and all(torch.equal(again[k], ours[k]) for k in ours)
+
+
+def test_torchmultimodal_vqa_checkpoint_decoder_converts_and_matches() -> None:
+    """examples/albef's ALBEFModelForVQA: ``model.*`` (ALBEFModel) + ``answer_decoder[_m].{
+    text_embeddings, multimodal_encoder, prediction_head}``, built from torchmultimodal's modules."""
+    from torchmultimodal.models.albef.multimodal_encoder import ALBEFMultimodalEncoder
+    from torchmultimodal.modules.layers.text_embedding import BERTTextEmbeddings
+
+    state, _ = _torchmultimodal_retrieval_state()
+    state = {f"model.{k[len('model_with_similarity.albef_model.'):]}": v for k, v in state.items()
+             if k.startswith("model_with_similarity.albef_model.")}
+    torch.manual_seed(4)
+    embeddings = BERTTextEmbeddings(hidden_size=D, vocab_size=VOCAB).eval()
+    layers = ALBEFMultimodalEncoder(hidden_size=D, num_hidden_layers=FUSION_LAYERS, num_attention_heads=2,
+                                    intermediate_size=FFN).eval()
+    dense, layer_norm = nn.Linear(D, D), nn.LayerNorm(D, eps=1e-12)
+    head_out = nn.Linear(D, VOCAB)
+    with torch.no_grad():
+        head_out.weight.copy_(embeddings.word_embeddings.weight)  # ALBEF's (tied) weights
+        for p in list(layers.parameters()) + list(layer_norm.parameters()) + list(embeddings.layer_norm.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    for prefix in ("answer_decoder.", "answer_decoder_m."):
+        state.update({f"{prefix}text_embeddings.{k}": v for k, v in embeddings.state_dict().items()})
+        state.update({f"{prefix}multimodal_encoder.{k}": v for k, v in layers.state_dict().items()})
+        for name, module in (("dense", dense), ("layer_norm", layer_norm), ("decoder", head_out)):
+            state.update({f"{prefix}prediction_head.{name}.{k}": v for k, v in module.state_dict().items()})
+    model = _ours_vqa()
+    report = load_pretrained(model, state)
+    assert report.layout == "torchmultimodal"
+    assert report.missing == {} and report.unexpected == {}, report.format()
+    questions = torch.randn(2, 5, D)
+    question_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    answers = torch.randint(1, VOCAB, (2, 4))
+    answer_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    causal = torch.ones(4, 4).tril()[None] * answer_mask[:, None, :]  # [B, L, L], as ALBEFDecoder builds
+    with torch.no_grad():
+        hidden = layers(embeddings(answers), causal, questions, question_mask)
+        theirs = head_out(layer_norm(nn.functional.gelu(dense(hidden))))
+        ours = model.answer_decoder(answers, answer_mask, questions, question_mask)
+        ours_m = model.answer_decoder_m(answers, answer_mask, questions, question_mask)
+    valid = answer_mask.bool()
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ours_m[valid], theirs[valid], atol=1e-4, rtol=1e-4)

@@ -28,9 +28,12 @@ __all__ = [
     "PretrainDataset",
     "RetrievalCollator",
     "VQADataset",
+    "VQACollator",
+    "load_answer_list",
     "VEDataset",
     "VE_LABELS",
     "NLVRDataset",
+    "NLVRCollator",
     "GroundingDataset",
 ]
 
@@ -395,9 +398,10 @@ class VQADataset(_ImageAnnotationDataset):
     """VQA questions (ALBEF ``vqa_dataset``).
 
     Records: ``{"image", "question", "answer": str | [str], "dataset": "vqa" | "vg"}``, test
-    records add ``"question_id"``. In ``"train"`` mode every distinct answer gets the weight
-    ``count / num_answers`` (Visual Genome answers 0.5) and ``eos`` is appended to it, as the
-    answer decoder predicts an end token.
+    records add ``"question_id"`` (unique within the split) and may lack ``"answer"``. In
+    ``"train"`` mode every distinct answer gets the weight ``count / num_answers`` (Visual
+    Genome answers 0.5) and ``eos`` is appended to it, as the answer decoder predicts an end
+    token.
 
     Args:
         ann_files (Sequence[PathLike]): annotation files, concatenated.
@@ -407,6 +411,8 @@ class VQADataset(_ImageAnnotationDataset):
         max_words (int): question word limit. Default: 50.
         eos (str): end token appended to train answers. Default: ``"[SEP]"``.
         skip_bad_samples (bool): train only; as in :class:`RetrievalTrainDataset`.
+        vg_image_root (Optional[PathLike]): directory of the ``"dataset": "vg"`` records'
+            images (ALBEF's ``vg_root``); ``image_root`` when None.
 
     Outputs (``__getitem__``):
         train: ``(image, question, answers: List[str], weights: List[float])``;
@@ -422,18 +428,31 @@ class VQADataset(_ImageAnnotationDataset):
         max_words: int = 50,
         eos: str = "[SEP]",
         skip_bad_samples: bool = False,
+        vg_image_root: Optional[PathLike] = None,
     ) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         super().__init__(image_root, transform, skip_bad_samples and split == "train")
         self.split, self.max_words, self.eos = split, max_words, eos
+        self.vg_image_root = Path(vg_image_root) if vg_image_root else self.image_root
         keys = ("image", "question", "answer") if split == "train" else ("image", "question", "question_id")
         self.records: List[Dict[str, Any]] = []
+        seen_ids: Dict[Any, Tuple[Path, int]] = {}
         for ann_file in _as_files(ann_files):
             for i, rec in enumerate(load_json_list(ann_file, keys)):
                 _check_text(rec["question"], ann_file, i, "question", allow_list=False)
-                if split == "train":
+                if split == "train" or "answer" in rec:
                     _check_text(rec["answer"], ann_file, i, "answer")
+                if rec.get("dataset", "vqa") not in ("vqa", "vg"):
+                    raise ValueError(f"{ann_file}: record {i} key 'dataset' must be 'vqa' or 'vg', got {rec['dataset']!r:.80}")
+                if split == "test":
+                    qid = rec["question_id"]
+                    if not isinstance(qid, (int, str)) or isinstance(qid, bool):
+                        raise ValueError(f"{ann_file}: record {i} key 'question_id' must be an int or a string, got {qid!r:.80}")
+                    if qid in seen_ids:
+                        first_file, first = seen_ids[qid]
+                        raise ValueError(f"{ann_file}: record {i} repeats question_id {qid!r} of record {first} of {first_file}")
+                    seen_ids[qid] = (ann_file, i)
                 self.records.append(rec)
                 self.sample_source.append((ann_file, i))
 
@@ -442,7 +461,11 @@ class VQADataset(_ImageAnnotationDataset):
 
     def _get(self, index: int) -> Tuple[Any, ...]:
         rec = self.records[index]
-        image = self._load(index, rec["image"])
+        if rec.get("dataset", "vqa") == "vg":
+            ann_file, record = self.sample_source[index]
+            image = self.transform(load_image(self.vg_image_root / rec["image"], record, ann_file))
+        else:
+            image = self._load(index, rec["image"])
         question = pre_caption(rec["question"], self.max_words)
         if self.split == "test":
             return image, question, rec["question_id"]
@@ -458,6 +481,83 @@ class VQADataset(_ImageAnnotationDataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, ...]:
         return self._get_with_replacement(index, self._get, lambda i: self.records[i]["image"])
+
+
+def load_answer_list(path: PathLike) -> List[str]:
+    """Read a VQA answer list (ALBEF ``answer_list.json``): a JSON list of distinct, non-empty
+    strings.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: invalid JSON, not a list, empty, or an entry that is not a non-empty string
+            or repeats an earlier one; the message names the file and entry index.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"answer list not found: {path}")
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(answers, list) or not answers:
+        raise ValueError(f"{path}: expected a non-empty JSON list of answer strings")
+    first: Dict[str, int] = {}
+    for i, answer in enumerate(answers):
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"{path}: entry {i} must be a non-empty string, got {answer!r:.80}")
+        if answer in first:
+            raise ValueError(f"{path}: entry {i} {answer!r} repeats entry {first[answer]}")
+        first[answer] = i
+    return answers
+
+
+class VQACollator:
+    """Batch VQA samples and tokenise questions and answers (ALBEF ``vqa_collate_fn`` plus the
+    tokenisation its training loop does).
+
+    Train samples ``(image, question, answers, weights)`` give ``image`` [B, 3, H, W],
+    ``question_ids`` / ``question_mask`` [B, Lq], ``answer_ids`` / ``answer_mask`` [K, La] (all
+    answers of the batch, question by question), ``weights`` [K] float and ``question_index``
+    [K] (the question of each answer). Test samples ``(image, question, question_id)`` give
+    ``image``, ``question_ids``, ``question_mask`` and ``question_id`` (a list, values as in
+    the annotation file).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        max_question_tokens (Optional[int]): question token limit (ALBEF: 25 in training, none
+            at test time). Default: None.
+    """
+
+    def __init__(self, tokenizer: Any, max_question_tokens: Optional[int] = None) -> None:
+        self.tokenizer = tokenizer
+        self.max_question_tokens = max_question_tokens
+
+    def __call__(self, batch: Sequence[Tuple[Any, ...]]) -> Dict[str, Any]:
+        if not batch:
+            raise ValueError("VQACollator got an empty batch")
+        questions = self.tokenizer(
+            [sample[1] for sample in batch],
+            padding="longest",
+            truncation=self.max_question_tokens is not None,
+            max_length=self.max_question_tokens,
+            return_tensors="pt",
+        )
+        out: Dict[str, Any] = {
+            "image": torch.stack([sample[0] for sample in batch]),
+            "question_ids": questions["input_ids"].long(),
+            "question_mask": questions["attention_mask"].long(),
+        }
+        if len(batch[0]) == 3:
+            out["question_id"] = [sample[2] for sample in batch]
+            return out
+        answers = [a for sample in batch for a in sample[2]]
+        tokens = self.tokenizer(answers, padding="longest", return_tensors="pt")
+        out["answer_ids"] = tokens["input_ids"].long()
+        out["answer_mask"] = tokens["attention_mask"].long()
+        out["weights"] = torch.tensor([w for sample in batch for w in sample[3]], dtype=torch.float)
+        counts = torch.tensor([len(sample[2]) for sample in batch])
+        out["question_index"] = torch.arange(len(batch)).repeat_interleave(counts)
+        return out
 
 
 VE_LABELS: Dict[str, int] = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -556,6 +656,19 @@ class NLVRDataset(_ImageAnnotationDataset):
 
     def __getitem__(self, index: int) -> Tuple[Tensor, Tensor, str, int]:
         return self._get_with_replacement(index, self._get, lambda i: self.records[i]["images"][0])
+
+
+class NLVRCollator(RetrievalCollator):
+    """Batch :class:`NLVRDataset` samples ``(image0, image1, sentence, label)``.
+
+    Returns (``__call__``):
+        Dict[str, Tensor]: ``image`` ``[B, 2, 3, H, W]`` (each sample's pair, image 0 first),
+        ``input_ids`` and ``attention_mask`` ``[B, L]``, and the labels (True 1) in ``idx``
+        ``[B]``, where :class:`RetrievalCollator` puts a VE label.
+    """
+
+    def __call__(self, batch: Sequence[Tuple[Any, ...]]) -> Dict[str, Tensor]:
+        return super().__call__([(torch.stack(sample[:2]), sample[2], sample[3]) for sample in batch])
 
 
 class GroundingDataset(_ImageAnnotationDataset):

@@ -49,10 +49,11 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     ramped_alpha,
     rank_shard,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -201,7 +202,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     )
 
     # --- model ---
-    initialize_weights(model, cfg.init, args.checkpoint, log=logger.info)
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
+    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

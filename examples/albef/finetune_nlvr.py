@@ -24,8 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from finetune_ve import ve_accuracy  # classification accuracy of model.predict (labels in "idx")
-from pretrain_nlvr import dual_image_checkpoint
+from torchmm_ext.checkpoints import dual_image_checkpoint
 from torchmm_ext.data.datasets import NLVRCollator, NLVRDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
@@ -47,13 +46,15 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     ramped_alpha,
     rank_shard,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
+from torchmm_ext.evaluation.classification import classification_accuracy
 from torchmm_ext.models.albef import albef_model_for_nlvr
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "nlvr_shapes.yaml"
@@ -144,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
 
     # --- model ---
-    checkpoint = args.checkpoint
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
     if checkpoint:
         checkpoint = dual_image_checkpoint(checkpoint, model.fusion_encoder.num_layer_pairs)
     initialize_weights(model, cfg.init, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
@@ -156,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dataset = eval_sets[split]
         shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
         loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
-        return ve_accuracy(model, loader, dist.device,
+        return classification_accuracy(model, loader, dist.device,
                            lambda: autocast_context(dist.device, cfg.train.precision))
 
     # --- train ---

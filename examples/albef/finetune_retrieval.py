@@ -41,9 +41,10 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     ramped_alpha,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -143,7 +144,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     )
 
     # --- model ---
-    initialize_weights(model, cfg.init, args.checkpoint, log=logger.info)
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
+    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

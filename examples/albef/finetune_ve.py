@@ -27,7 +27,6 @@ from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import (
-    all_reduce_sum,
     autocast_context,
     check_kwargs,
     cleanup,
@@ -44,13 +43,15 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     ramped_alpha,
     rank_shard,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
+from torchmm_ext.evaluation.classification import classification_accuracy
 from torchmm_ext.models.albef import albef_model_for_ve
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ve_shapes.yaml"
@@ -107,26 +108,6 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
     return world.vocab_corpus
 
 
-@torch.no_grad()
-def ve_accuracy(model, loader, device: torch.device, precision_ctx) -> Dict[str, float]:
-    """Accuracy (%) of ``model.predict`` over ``loader``, summed over ranks (each rank passes
-    its own disjoint shard; a single process passes the whole split)."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)  # correct, total
-    for batch in loader:
-        with precision_ctx():
-            logits = model.predict(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device))
-        labels = batch["idx"].to(device)  # RetrievalCollator puts the third field (label) in idx
-        counts[0] += (logits.argmax(dim=-1) == labels).sum()
-        counts[1] += labels.numel()
-    model.train(was_training)
-    all_reduce_sum(counts)
-    correct, total = counts.tolist()
-    return {"acc": 100.0 * correct / max(total, 1.0), "num_samples": total}
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
     cfg = load_config(args.config, VEConfig, args.opts)
@@ -162,7 +143,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
 
     # --- model ---
-    initialize_weights(model, cfg.init, args.checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
+    initialize_weights(model, cfg.init, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
                        log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
@@ -171,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         dataset = eval_sets[split]
         shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
         loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
-        return ve_accuracy(model, loader, dist.device,
+        return classification_accuracy(model, loader, dist.device,
                            lambda: autocast_context(dist.device, cfg.train.precision))
 
     # --- train ---

@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from torchmm_ext.checkpoints import convert_to_torchmm_ext, load_state_dict_file
+from torchmm_ext.checkpoints import init_answer_decoder
 from torchmm_ext.data.datasets import load_answer_list, VQACollator, VQADataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
@@ -45,15 +45,16 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     ramped_alpha,
     rank_shard,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
 from torchmm_ext.evaluation.vqa import evaluate_vqa, ground_truth_answers, vqa_metrics
-from torchmm_ext.models.albef import albef_model_for_vqa, ALBEFForVQA
+from torchmm_ext.models.albef import albef_model_for_vqa
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "vqa_shapes.yaml"
 logger = get_logger("finetune_vqa")
@@ -115,19 +116,6 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
     return world.vocab_corpus
 
 
-def init_answer_decoder(model: ALBEFForVQA, source: str) -> Optional[List[str]]:
-    """ALBEF's decoder initialisation (from the fusion layers, text embeddings and MLM head)
-    when the weights the model started from, ``source``, have no answer decoder. The file is
-    converted once more here (``initialize_weights`` does not return its tensors)."""
-    if not source:
-        return None
-    state = convert_to_torchmm_ext(load_state_dict_file(source)).state_dict
-    if any(key.startswith("answer_decoder.") for key in state):
-        return None
-    mlm_head = {k[len("mlm_head."):]: v for k, v in state.items() if k.startswith("mlm_head.")}
-    return model.init_answer_decoder_from_encoder(mlm_head or None)
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
     cfg = load_config(args.config, VQAConfig, args.opts)
@@ -168,8 +156,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
 
     # --- model ---
-    initialize_weights(model, cfg.init, args.checkpoint, log=logger.info)
-    decoder_init = init_answer_decoder(model, args.checkpoint or cfg.init.text)
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
+    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
+    decoder_init = init_answer_decoder(model, checkpoint or cfg.init.text)
     if decoder_init:
         logger.info(f"answer decoder initialised from the encoder: {', '.join(decoder_init)}")
     model.to(dist.device)

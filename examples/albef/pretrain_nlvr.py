@@ -21,15 +21,13 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional
 
 import torch
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
-from torchmm_ext.checkpoints import convert_to_torchmm_ext
-from torchmm_ext.checkpoints.primitives import load_state_dict_file
+from torchmm_ext.checkpoints import dual_image_checkpoint
 from torchmm_ext.data.datasets import PretrainDataset, RetrievalCollator
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
@@ -52,13 +50,14 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.recipe_utils import (
-    initialize_weights,
     InitConfig,
+    initialize_weights,
     rank_shard,
+    resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
-from torchmm_ext.models.albef import albef_model_for_text_assignment, nlvr_state_dict_from_single_image
+from torchmm_ext.models.albef import albef_model_for_text_assignment
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "nlvr_ta_shapes.yaml"
 logger = get_logger("pretrain_nlvr")
@@ -95,39 +94,6 @@ class TAConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/albef_nlvr_ta"
-
-
-class _ConvertedStateDict(dict):
-    """A state dict converted in memory; load reports name it by its source file."""
-
-    def __init__(self, state_dict: Mapping[str, Tensor], description: str) -> None:
-        super().__init__(state_dict)
-        self.description = description
-
-    def __repr__(self) -> str:
-        return self.description
-
-
-def dual_image_checkpoint(path: str, num_layer_pairs: int) -> Union[str, Dict[str, Tensor]]:
-    """What to load into a dual-image model (TA or NLVR2) for ``--checkpoint path``.
-
-    A single-image ALBEF checkpoint (``num_layer_pairs`` fusion layers, any layout
-    :func:`~torchmm_ext.checkpoints.load_pretrained` knows) becomes an in-memory state dict in
-    the dual layout, as ALBEF's ``Pretrain_nlvr.py`` does (:func:`nlvr_state_dict_from_single_image`).
-    A dual-image checkpoint is returned as the path itself, so that loading it keeps everything
-    the normal path does (e.g. the ``cls_head`` of a fine-tuned original-ALBEF NLVR2 file).
-
-    Raises:
-        ValueError: the checkpoint's fusion layers fit neither layout (the message names the file).
-    """
-    state = convert_to_torchmm_ext(load_state_dict_file(path)).state_dict
-    try:
-        dual = nlvr_state_dict_from_single_image(state, num_layer_pairs)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-    if len(dual) == len(state):  # already dual-image: nothing was duplicated
-        return path
-    return _ConvertedStateDict(dual, f"{path} (single-image, fusion layers duplicated for two images)")
 
 
 def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
@@ -200,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     )
 
     # --- model ---
-    checkpoint = args.checkpoint
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
     if checkpoint:
         checkpoint = dual_image_checkpoint(checkpoint, model.fusion_encoder.num_layer_pairs)
     initialize_weights(model, cfg.init, checkpoint, log=logger.info)

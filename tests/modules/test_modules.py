@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmultimodal.modules.losses.albef import ImageTextContrastiveLoss
 from torchmultimodal.utils.common import momentum_update as tmm_momentum_update

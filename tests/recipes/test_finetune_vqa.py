@@ -13,6 +13,8 @@ import torch
 
 import finetune_vqa
 from finetune_vqa import VQAConfig
+from torchmm_ext.checkpoints import init_answer_decoder
+from torchmm_ext.engine.recipe_utils import shapes_world_for_ranks, ShapesWorldConfig
 from torchmm_ext.engine import check_kwargs, ConfigError, load_config
 from torchmm_ext.models.albef import albef_model_for_vqa
 
@@ -54,7 +56,9 @@ def test_recipe_runs_end_to_end(shapes_cache, tmp_path, capsys, distill):
     results = finetune_vqa.main(["--output-dir", str(tmp_path), "--opts", *opts])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved) == {"val", "test"} and saved == results
-    world = next(Path(shapes_cache).glob("shapes_*"))
+    # The session cache may hold other tests' worlds: find this one by its parameters.
+    world = shapes_world_for_ranks(ShapesWorldConfig(cache_dir=str(shapes_cache), num_train=40, num_val=10,
+                                                     num_test=10)).root
     answer_list = json.loads((world / "answer_list.json").read_text())
     for split in ("val", "test"):
         assert set(saved[split]) == {"acc", "num_questions", "max_acc"}
@@ -88,9 +92,9 @@ def test_decoder_is_initialised_only_from_a_checkpoint_without_one(tmp_path):
 
     model = albef_model_for_vqa("tiny", distill=False, **sizes)
     model.load_state_dict(state, strict=False)
-    assert finetune_vqa.init_answer_decoder(model, "") is None
-    assert finetune_vqa.init_answer_decoder(model, str(tmp_path / "vqa.pth")) is None
-    done = finetune_vqa.init_answer_decoder(model, str(tmp_path / "pretrained.pth"))
+    assert init_answer_decoder(model, "") is None
+    assert init_answer_decoder(model, str(tmp_path / "vqa.pth")) is None
+    done = init_answer_decoder(model, str(tmp_path / "pretrained.pth"))
     assert done == ["embeddings", "layers.layer.0", "lm_head"]
     assert torch.equal(model.answer_decoder.layers.layer[0].attention.input_proj.weight,
                        source.fusion_encoder.layer[0].attention.input_proj.weight)

@@ -10,7 +10,8 @@ import torch
 import finetune_nlvr
 import pretrain_nlvr
 from finetune_nlvr import NLVRConfig
-from pretrain_nlvr import dual_image_checkpoint, TAConfig
+from pretrain_nlvr import TAConfig
+from torchmm_ext.checkpoints import dual_image_checkpoint
 from torchmm_ext.checkpoints import torchmm_ext_to_albef
 from torchmm_ext.data.datasets import NLVRCollator
 from torchmm_ext.data.tokenizer import build_tokenizer

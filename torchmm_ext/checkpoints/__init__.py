@@ -36,8 +36,11 @@ from torchmm_ext.checkpoints.primitives import (
     split_qkv,
     unwrap_state_dict,
 )
+from torchmm_ext.checkpoints.tasks import dual_image_checkpoint, init_answer_decoder
 
 __all__ = [
+    "dual_image_checkpoint",
+    "init_answer_decoder",
     "CheckpointArchitectureError",
     "CheckpointShapeError",
     "Conversion",

@@ -20,7 +20,6 @@ from torchmm_ext.checkpoints.primitives import (
     interpolate_pos_embed,
     load_state_dict_file,
     PathLike,
-    StateDict,
     unwrap_state_dict,
 )
 

@@ -15,11 +15,39 @@ from torchmm_ext.engine.distributed import barrier, is_main_process
 
 @dataclass
 class InitConfig:
-    """Initialise a fresh model as ALBEF does: DeiT/ViT vision weights (timm layout) and
-    bert-base-uncased text weights (Hugging Face layout; layers 0-5 text, 6-11 fusion)."""
+    """Where a recipe's weights start.
+
+    Attributes:
+        vision (str): DeiT/ViT weights (timm layout), as ALBEF initialises a fresh model.
+        text (str): bert-base-uncased weights (Hugging Face layout; layers 0-5 text, 6-11 fusion).
+        checkpoint (str): a whole-model checkpoint in any layout (what ``--checkpoint``
+            overrides), e.g. the output of ``examples/albef/pretrain.py``.
+        checkpoint_hint (str): how to make ``checkpoint`` when it does not exist yet (shown in
+            the error).
+    """
 
     vision: str = ""
     text: str = ""
+    checkpoint: str = ""
+    checkpoint_hint: str = ""
+
+
+def resolve_checkpoint(cli_checkpoint: Optional[str], init: InitConfig) -> str:
+    """The checkpoint a recipe starts from: ``--checkpoint`` if given, else ``init.checkpoint``
+    ("" for none).
+
+    Raises:
+        FileNotFoundError: the file does not exist; the message carries ``init.checkpoint_hint``
+            and how to train from scratch instead.
+    """
+    path = cli_checkpoint or init.checkpoint
+    if path and not Path(path).exists():
+        source = "--checkpoint" if cli_checkpoint else "init.checkpoint"
+        hint = f" {init.checkpoint_hint}." if init.checkpoint_hint and not cli_checkpoint else ""
+        raise FileNotFoundError(
+            f"{source} {path} does not exist.{hint} To train from scratch instead: --opts init.checkpoint=''"
+        )
+    return path or ""
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Momentum (EMA) encoders and the feature queues of ALBEF's contrastive learning."""
 
-from typing import Iterable
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn, Tensor
@@ -80,3 +80,34 @@ class FeatureQueue(nn.Module):
         self.text_queue[:, slots] = text_feat.T.to(self.text_queue.dtype)
         self.idx_queue[:, slots] = idx.to(self.idx_queue.device)
         self.ptr[0] = (self.ptr[0] + n) % self.size
+
+
+class MomentumCopiesMixin:
+    """For models holding EMA (momentum) copies of some of their modules, as ALBEF's do.
+
+    A subclass (an ``nn.Module``) defines ``_momentum_pairs() -> (online modules, copies)``;
+    the mixin gives it ALBEF's ``copy_params`` as :meth:`copy_params_to_momentum`.
+    """
+
+    def _momentum_pairs(self) -> Tuple[List[nn.Module], List[nn.Module]]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def copy_params_to_momentum(self, only: Optional[Sequence[str]] = None) -> List[str]:
+        """Momentum copies <- online weights (ALBEF's ``copy_params``). A recipe calls it after
+        loading weights into the online modules, e.g. from a checkpoint without momentum weights.
+
+        Args:
+            only (Optional[Sequence[str]]): names of the momentum modules to reset (e.g.
+                ``["fusion_encoder_m"]``); all of them when None.
+
+        Returns:
+            List[str]: the momentum modules reset.
+        """
+        done = []
+        for module, module_m in zip(*self._momentum_pairs()):
+            name = next(n for n, m in self.named_children() if m is module_m)  # type: ignore[attr-defined]
+            if only is None or name in only:
+                module_m.load_state_dict(module.state_dict())
+                done.append(name)
+        return done

@@ -7,7 +7,7 @@ can be overridden by keyword.
 """
 
 import copy
-from typing import List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +18,7 @@ from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import _albef_encoders, ImageEncoding, TextEncoding
 from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
-from torchmm_ext.modules.momentum import FeatureQueue, momentum_update
+from torchmm_ext.modules.momentum import FeatureQueue, momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -58,7 +58,7 @@ class ITCITMOutput(NamedTuple):
     image_embeddings_m: Tensor
 
 
-class ALBEFForRetrieval(nn.Module):
+class ALBEFForRetrieval(MomentumCopiesMixin, nn.Module):
     """ALBEF for image-text retrieval: ITC with queues and momentum distillation, ITM with hard
     negatives, and the encode / score methods the retrieval evaluation needs.
 
@@ -130,25 +130,6 @@ class ALBEFForRetrieval(nn.Module):
         copies = [self.vision_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m]
         return online, copies
 
-    @torch.no_grad()
-    def copy_params_to_momentum(self, only: Optional[Sequence[str]] = None) -> List[str]:
-        """Momentum copies <- online weights (ALBEF's ``copy_params``). A recipe calls it after
-        loading weights into the online modules, e.g. from a checkpoint without momentum weights.
-
-        Args:
-            only (Optional[Sequence[str]]): names of the momentum modules to reset (e.g.
-                ``["text_encoder_m"]``); all of them when None.
-
-        Returns:
-            List[str]: the momentum modules reset.
-        """
-        done = []
-        for module, module_m in zip(*self._momentum_pairs()):
-            name = next(n for n, m in self.named_children() if m is module_m)
-            if only is None or name in only:
-                module_m.load_state_dict(module.state_dict())
-                done.append(name)
-        return done
 
     def encode_image(self, image: Tensor) -> ImageEncoding:
         """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``."""

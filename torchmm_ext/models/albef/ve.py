@@ -1,7 +1,7 @@
 """ALBEF for visual entailment (SNLI-VE)."""
 
 import copy
-from typing import List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import _albef_encoders
-from torchmm_ext.modules.momentum import momentum_update
+from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -24,7 +24,7 @@ class ALBEFVEOutput(NamedTuple):
     logits: Tensor
 
 
-class ALBEFForVE(nn.Module):
+class ALBEFForVE(MomentumCopiesMixin, nn.Module):
     """ALBEF for visual entailment (SNLI-VE; ALBEF ``model_ve.ALBEF``): the fused [CLS] state of
     (image, hypothesis) goes through an MLP head to 3 classes (contradiction 0, neutral 1,
     entailment 2: :data:`torchmm_ext.data.datasets.VE_LABELS`).
@@ -90,26 +90,6 @@ class ALBEFForVE(nn.Module):
         copies = [self.vision_encoder_m, self.text_encoder_m, self.fusion_encoder_m, self.cls_head_m]
         return online, copies
 
-    @torch.no_grad()
-    def copy_params_to_momentum(self, only: Optional[Sequence[str]] = None) -> List[str]:
-        """Momentum copies <- online weights (ALBEF's ``copy_params``). A recipe calls it after
-        loading weights into the online modules, e.g. from a checkpoint without momentum weights.
-
-        Args:
-            only (Optional[Sequence[str]]): names of the momentum modules to reset (e.g.
-                ``["fusion_encoder_m"]``); all of them when None.
-
-        Returns:
-            List[str]: the momentum modules reset.
-        """
-        done = []
-        online, copies = self._momentum_pairs()
-        for module, module_m in zip(online, copies):
-            name = next(n for n, m in self.named_children() if m is module_m)
-            if only is None or name in only:
-                module_m.load_state_dict(module.state_dict())
-                done.append(name)
-        return done
 
     @staticmethod
     def _logits(

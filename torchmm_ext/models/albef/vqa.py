@@ -11,7 +11,7 @@ What differs from ALBEF's ``model_vqa.py``, on purpose:
 """
 
 import copy
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import _albef_encoders
-from torchmm_ext.modules.momentum import momentum_update
+from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, init_bert_weights
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -141,7 +141,7 @@ class ALBEFVQAOutput(NamedTuple):
     logits: Tensor
 
 
-class ALBEFForVQA(nn.Module):
+class ALBEFForVQA(MomentumCopiesMixin, nn.Module):
     """ALBEF for VQA (ALBEF ``model_vqa.ALBEF``): the question is fused with the image by the
     ALBEF encoders; an answer decoder generates the answer while cross-attending to the fused
     question states. Training maximises the weighted likelihood of each question's answers;
@@ -203,26 +203,6 @@ class ALBEFForVQA(nn.Module):
         copies = [self.vision_encoder_m, self.text_encoder_m, self.fusion_encoder_m, self.answer_decoder_m]
         return online, copies
 
-    @torch.no_grad()
-    def copy_params_to_momentum(self, only: Optional[Sequence[str]] = None) -> List[str]:
-        """Momentum copies <- online weights (ALBEF's ``copy_params``). A recipe calls it after
-        loading weights into the online modules, e.g. from a checkpoint without momentum weights.
-
-        Args:
-            only (Optional[Sequence[str]]): names of the momentum modules to reset (e.g.
-                ``["answer_decoder_m"]``); all of them when None.
-
-        Returns:
-            List[str]: the momentum modules reset.
-        """
-        done = []
-        online, copies = self._momentum_pairs()
-        for module, module_m in zip(online, copies):
-            name = next(n for n, m in self.named_children() if m is module_m)
-            if only is None or name in only:
-                module_m.load_state_dict(module.state_dict())
-                done.append(name)
-        return done
 
     @torch.no_grad()
     def init_answer_decoder_from_encoder(self, mlm_head_state: Optional[Mapping[str, Tensor]] = None) -> List[str]:

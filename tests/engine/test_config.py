@@ -160,3 +160,18 @@ def test_parse_args():
     args = parse_args(["--resume", "r.pth", "--evaluate", "--output-dir", "o", "--checkpoint", "w.pth"])
     assert (args.resume, args.evaluate, args.output_dir, args.checkpoint) == ("r.pth", True, "o", "w.pth")
     assert parse_args([]).resume is None
+
+
+def test_resolve_checkpoint_prefers_the_command_line_and_explains_a_missing_file(tmp_path):
+    from torchmm_ext.engine.recipe_utils import InitConfig, resolve_checkpoint
+
+    weights = tmp_path / "pretrained.pth"
+    weights.write_bytes(b"")
+    init = InitConfig(checkpoint=str(tmp_path / "missing.pth"), checkpoint_hint="run pretrain.py first")
+    assert resolve_checkpoint(str(weights), init) == str(weights)
+    assert resolve_checkpoint(None, InitConfig()) == ""
+    with pytest.raises(FileNotFoundError, match=r"init.checkpoint .*missing.pth does not exist\. run pretrain.py first\."
+                                                r".*init.checkpoint=''"):
+        resolve_checkpoint(None, init)
+    with pytest.raises(FileNotFoundError, match=r"--checkpoint .*nope.pth does not exist\. To train"):
+        resolve_checkpoint(str(tmp_path / "nope.pth"), init)

@@ -25,7 +25,7 @@ SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_ml
 
 def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
     return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0"]
+            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0", "init.checkpoint="]
 
 
 def test_every_shipped_config_loads():

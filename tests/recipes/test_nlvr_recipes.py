@@ -27,7 +27,7 @@ SHORT = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8", 
 
 def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
     return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0"]
+            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0", "init.checkpoint="]
 
 
 def test_shipped_configs_load_with_albef_hyperparameters():
@@ -128,7 +128,7 @@ def test_nlvr_record_with_one_image_is_reported_with_file_and_record(shapes_cach
     vocab_dir = next(Path(world.vocab_corpus).parent.glob("wordpiece_*"))
     opts = ["data.shapes=null", f"data.train_file={bad}", f"data.dev_file={world.nlvr_dev}", f"data.test_file={world.nlvr_test}",
             f"data.image_root={world.image_root}", f"data.tokenizer={vocab_dir}", *SMALL_MODEL, *SHORT,
-            "train.num_workers=0"]
+            "train.num_workers=0", "init.checkpoint="]
     with pytest.raises(ValueError, match=r"nlvr_bad.json: record 3 key 'images' must be a list of two paths"):
         finetune_nlvr.main(["--output-dir", str(tmp_path / "out"), "--opts", *opts])
 

@@ -1,7 +1,7 @@
 """Pieces every ALBEF task model shares: the size presets, the encoder builder and the
 encoding outputs."""
 
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from torch import Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
@@ -65,6 +65,16 @@ class TextEncoding(NamedTuple):
 
     embeddings: Tensor
     features: Tensor
+
+
+def preset_sizes(arguments: Mapping[str, Any]) -> Dict[str, Optional[int]]:
+    """The size arguments of a builder call: pass ``locals()`` as the builder's first statement.
+
+    Returns:
+        Dict[str, Optional[int]]: those of ``arguments`` that :data:`ALBEF_PRESETS` names
+        (``None`` means "the preset's value", resolved by :func:`_albef_encoders`).
+    """
+    return {k: arguments[k] for k in ALBEF_PRESETS["base"] if k in arguments}
 
 
 def _albef_encoders(

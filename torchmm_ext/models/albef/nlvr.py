@@ -24,7 +24,7 @@ from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders
+from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
 from torchmm_ext.models.albef.ve import ALBEFForVE, ALBEFVEOutput
 from torchmm_ext.modules.dual_image_fusion import DualImageFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -380,12 +380,7 @@ def albef_model_for_nlvr(
     Returns:
         ALBEFForNLVR
     """
-    given = dict(
-        image_size=image_size, patch_size=patch_size, vision_width=vision_width,
-        vision_depth=vision_depth, vision_heads=vision_heads, vision_mlp_dim=vision_mlp_dim,
-        text_width=text_width, text_layers=text_layers, fusion_layers=fusion_layers,
-        text_heads=text_heads, text_ffn_dim=text_ffn_dim, vocab_size=vocab_size,
-    )
+    given = preset_sizes(locals())
     vision_encoder, text_encoder, fusion_encoder, _ = _dual_image_encoders(
         preset, given, max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
         dropout=dropout, drop_path_rate=drop_path_rate,
@@ -436,13 +431,7 @@ def albef_model_for_text_assignment(
     Returns:
         ALBEFForTextAssignment
     """
-    given = dict(
-        image_size=image_size, patch_size=patch_size, vision_width=vision_width,
-        vision_depth=vision_depth, vision_heads=vision_heads, vision_mlp_dim=vision_mlp_dim,
-        text_width=text_width, text_layers=text_layers, fusion_layers=fusion_layers,
-        text_heads=text_heads, text_ffn_dim=text_ffn_dim, vocab_size=vocab_size,
-        embed_dim=embed_dim,
-    )
+    given = preset_sizes(locals())
     vision_encoder, text_encoder, fusion_encoder, cfg = _dual_image_encoders(
         preset, given, max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
         dropout=dropout, drop_path_rate=drop_path_rate,

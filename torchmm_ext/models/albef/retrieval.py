@@ -16,7 +16,7 @@ from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.modules.losses.albef import ImageTextContrastiveLoss
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders, ImageEncoding, TextEncoding
+from torchmm_ext.models.albef._common import _albef_encoders, ImageEncoding, preset_sizes, TextEncoding
 from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
 from torchmm_ext.modules.momentum import FeatureQueue, momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
@@ -308,22 +308,7 @@ def albef_model_for_retrieval(
     Returns:
         ALBEFForRetrieval
     """
-    given = dict(
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_depth=vision_depth,
-        vision_heads=vision_heads,
-        vision_mlp_dim=vision_mlp_dim,
-        text_width=text_width,
-        text_layers=text_layers,
-        fusion_layers=fusion_layers,
-        text_heads=text_heads,
-        text_ffn_dim=text_ffn_dim,
-        vocab_size=vocab_size,
-        embed_dim=embed_dim,
-        queue_size=queue_size,
-    )
+    given = preset_sizes(locals())
     vision_encoder, text_encoder, fusion_encoder, cfg = _albef_encoders(
         preset,
         given,

@@ -9,7 +9,7 @@ from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders
+from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
 from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -174,20 +174,7 @@ def albef_model_for_ve(
     Returns:
         ALBEFForVE
     """
-    given = dict(
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_depth=vision_depth,
-        vision_heads=vision_heads,
-        vision_mlp_dim=vision_mlp_dim,
-        text_width=text_width,
-        text_layers=text_layers,
-        fusion_layers=fusion_layers,
-        text_heads=text_heads,
-        text_ffn_dim=text_ffn_dim,
-        vocab_size=vocab_size,
-    )
+    given = preset_sizes(locals())
     vision_encoder, text_encoder, fusion_encoder, _ = _albef_encoders(
         preset,
         given,

@@ -21,7 +21,7 @@ from torchmultimodal.modules.layers.text_embedding import BERTTextEmbeddings
 from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders
+from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
 from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, init_bert_weights
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -387,20 +387,7 @@ def albef_model_for_vqa(
     Returns:
         ALBEFForVQA
     """
-    given = dict(
-        image_size=image_size,
-        patch_size=patch_size,
-        vision_width=vision_width,
-        vision_depth=vision_depth,
-        vision_heads=vision_heads,
-        vision_mlp_dim=vision_mlp_dim,
-        text_width=text_width,
-        text_layers=text_layers,
-        fusion_layers=fusion_layers,
-        text_heads=text_heads,
-        text_ffn_dim=text_ffn_dim,
-        vocab_size=vocab_size,
-    )
+    given = preset_sizes(locals())
     vision_encoder, text_encoder, fusion_encoder, cfg = _albef_encoders(
         preset,
         given,

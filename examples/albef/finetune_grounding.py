@@ -17,7 +17,6 @@ cross-attention of BERT layer ``eval.block_num`` ranks the detected boxes of eac
 Any config key can be overridden: ``--opts train.lr=2e-5 eval.block_num=8``.
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +53,7 @@ from torchmm_ext.engine.recipe_utils import (
     ramped_alpha,
     rank_shard,
     resolve_checkpoint,
+    save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -237,11 +237,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     results: Dict[str, Dict[str, float]] = {}
     for name in eval_sets:
         results.update(evaluate(name))
-    if is_main_process():
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        for split, m in results.items():
-            logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in m.items()}))
-            print(f"[{split}] acc {m['acc']:.2f} ({int(m['num_refs'])} expressions)")
+    save_results(results, output_dir, lambda split, m: f"acc {m['acc']:.2f} ({int(m['num_refs'])} expressions)")
     cleanup()
     return results
 

@@ -14,7 +14,6 @@ checkpoint (fusion layers duplicated for the two images). Any config key can be 
 ``--opts train.lr=2e-5 loss.alpha=0.4``.
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from torchmm_ext.engine.recipe_utils import (
     ramped_alpha,
     rank_shard,
     resolve_checkpoint,
+    save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -178,14 +178,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         )
 
     # --- evaluate ---
-    results: Dict[str, Any] = {}
-    for split in eval_sets:
-        results[split] = evaluate(split)
-        logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in results[split].items()}))
-    if is_main_process():
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        for split, m in results.items():
-            print(f"[{split}] acc {m['acc']:.2f}")
+    results = {split: evaluate(split) for split in eval_sets}
+    save_results(results, output_dir, lambda split, m: f"acc {m['acc']:.2f}")
     cleanup()
     return results
 

@@ -11,7 +11,6 @@
 Any config key can be overridden: ``--opts train.lr=2e-5 eval.k_test=64``.
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from torchmm_ext.engine.recipe_utils import (
     initialize_weights,
     ramped_alpha,
     resolve_checkpoint,
+    save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -181,20 +181,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         )
 
     # --- evaluate ---
-    results: Dict[str, Any] = {}
-    for split in eval_sets:
-        if split == "val" and best is not None:
-            continue
-        results[split] = evaluate(split)
-        logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in results[split].items()}))
-    if is_main_process():
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        split = "test" if "test" in results else next(iter(results), None)
-        if split is not None:
-            m = results[split]
-            print(f"[{split}] txt_r1 {m['txt_r1']:.2f}  txt_r5 {m['txt_r5']:.2f}  txt_r10 {m['txt_r10']:.2f}  "
-                  f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  "
-                  f"r_mean {m['r_mean']:.2f}")
+    # The best epoch's val scores are already in metrics.jsonl: test only, as ALBEF does.
+    results = {split: evaluate(split) for split in eval_sets if not (split == "val" and best is not None)}
+    save_results(results, output_dir, lambda split, m: (
+        f"txt_r1 {m['txt_r1']:.2f}  txt_r5 {m['txt_r5']:.2f}  txt_r10 {m['txt_r10']:.2f}  "
+        f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  r_mean {m['r_mean']:.2f}"))
     cleanup()
     return results
 

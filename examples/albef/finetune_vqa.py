@@ -50,6 +50,7 @@ from torchmm_ext.engine.recipe_utils import (
     ramped_alpha,
     rank_shard,
     resolve_checkpoint,
+    save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
 )
@@ -201,15 +202,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         )
 
     # --- evaluate ---
-    results: Dict[str, Any] = {}
-    for split in eval_sets:
-        results[split] = evaluate(split, f"vqa_result_{split}")
-        logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in results[split].items()}))
-    if is_main_process():
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
-        for split, m in results.items():
-            score = f"acc {m['acc']:.2f}" if "acc" in m else "no answers: result JSON only"
-            print(f"[{split}] {score} ({output_dir / f'vqa_result_{split}.json'})")
+    results = {split: evaluate(split, f"vqa_result_{split}") for split in eval_sets}
+
+    def summary(split: str, m: Dict[str, float]) -> str:
+        score = f"acc {m['acc']:.2f}" if "acc" in m else "no answers: result JSON only"
+        return f"{score} ({output_dir / f'vqa_result_{split}.json'})"
+
+    save_results(results, output_dir, summary)
     cleanup()
     return results
 

@@ -1,5 +1,7 @@
 """Small pieces several recipes share (config sections and set-up steps, no training loop)."""
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, Union
@@ -11,6 +13,9 @@ from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, u
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
 from torchmm_ext.engine.config import config_to_dict
 from torchmm_ext.engine.distributed import barrier, is_main_process
+from torchmm_ext.engine.metric_logging import get_logger
+
+_logger = get_logger(__name__)
 
 
 @dataclass
@@ -179,3 +184,24 @@ def ramped_alpha(alpha: float, warmup: bool, epoch: int, step_in_epoch: int, ste
     if warmup and epoch == 0:
         return alpha * min(1.0, step_in_epoch / max(steps_per_epoch, 1))
     return alpha
+
+
+def save_results(
+    results: Mapping[str, Mapping[str, float]],
+    output_dir: Path,
+    summary: Callable[[str, Mapping[str, float]], str],
+) -> None:
+    """The end of every recipe: log each split's metrics, then on rank 0 write
+    ``output_dir/results.json`` and print one ``[split] <summary>`` line per split.
+
+    Args:
+        results (Mapping[str, Mapping[str, float]]): metrics by split.
+        output_dir (Path): where ``results.json`` goes.
+        summary (Callable[[str, Mapping[str, float]], str]): ``(split, metrics) -> line``.
+    """
+    for split, metrics in results.items():
+        _logger.info(f"{split}: " + json.dumps({k: round(v, 2) for k, v in metrics.items()}))
+    if is_main_process():
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        for split, metrics in results.items():
+            print(f"[{split}] {summary(split, metrics)}")

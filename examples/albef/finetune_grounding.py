@@ -33,16 +33,9 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, AlbefRandAugment, CLIP_MEAN, CLIP_STD
 from torchmm_ext.engine import (
     autocast_context,
-    check_kwargs,
     cleanup,
     config_to_dict,
     get_logger,
-    init_distributed,
-    is_main_process,
-    load_config,
-    parse_args,
-    save_config,
-    seed_everything,
     StepContext,
     StepOutput,
 )
@@ -56,6 +49,7 @@ from torchmm_ext.engine.recipe_utils import (
     save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
+    start_recipe,
 )
 from torchmm_ext.evaluation.grounding import evaluate_grounding, fusion_layer_index, load_grounding_targets
 from torchmm_ext.models.albef import albef_model_for_retrieval
@@ -157,15 +151,7 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
-    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
-    cfg = load_config(args.config, GroundingConfig, args.opts)
-    check_kwargs(albef_model_for_retrieval, cfg.model, "model")
-    output_dir = Path(args.output_dir or cfg.output_dir)
-    dist = init_distributed()
-    seed_everything(cfg.train.seed, dist.rank)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    args, cfg, output_dir, dist = start_recipe(argv, DEFAULT_CONFIG, GroundingConfig, albef_model_for_retrieval, __doc__)
 
     # --- data (the model is built here: its image size sets the transforms) ---
     data = cfg.data

@@ -30,16 +30,9 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import (
     autocast_context,
-    check_kwargs,
     cleanup,
     config_to_dict,
     get_logger,
-    init_distributed,
-    is_main_process,
-    load_config,
-    parse_args,
-    save_config,
-    seed_everything,
     StepContext,
     StepOutput,
 )
@@ -53,6 +46,7 @@ from torchmm_ext.engine.recipe_utils import (
     save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
+    start_recipe,
 )
 from torchmm_ext.evaluation.classification import classification_accuracy
 from torchmm_ext.models.albef import albef_model_for_nlvr
@@ -111,15 +105,7 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
-    cfg = load_config(args.config, NLVRConfig, args.opts)
-    check_kwargs(albef_model_for_nlvr, cfg.model, "model")
-    output_dir = Path(args.output_dir or cfg.output_dir)
-    dist = init_distributed()
-    seed_everything(cfg.train.seed, dist.rank)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    args, cfg, output_dir, dist = start_recipe(argv, DEFAULT_CONFIG, NLVRConfig, albef_model_for_nlvr, __doc__)
 
     # --- data (the model is built here: its image size sets the transforms) ---
     data = cfg.data

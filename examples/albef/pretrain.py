@@ -34,17 +34,11 @@ from torchmm_ext.data.transforms import albef_test_transform, albef_train_transf
 from torchmm_ext.engine import (
     autocast_context,
     barrier,
-    check_kwargs,
     cleanup,
     config_to_dict,
     get_logger,
-    init_distributed,
     is_main_process,
-    load_config,
-    parse_args,
     save_checkpoint,
-    save_config,
-    seed_everything,
     StepContext,
     StepOutput,
 )
@@ -56,6 +50,7 @@ from torchmm_ext.engine.recipe_utils import (
     resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
+    start_recipe,
 )
 from torchmm_ext.evaluation.retrieval import evaluate_retrieval, recall_metrics
 from torchmm_ext.models.albef import ALBEFForPretraining, albef_model_for_pretraining
@@ -127,15 +122,7 @@ def pretrained_state_dict(model: ALBEFForPretraining) -> Dict[str, torch.Tensor]
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
-    cfg = load_config(args.config, PretrainConfig, args.opts)
-    check_kwargs(albef_model_for_pretraining, cfg.model, "model")
-    output_dir = Path(args.output_dir or cfg.output_dir)
-    dist = init_distributed()
-    seed_everything(cfg.train.seed, dist.rank)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    args, cfg, output_dir, dist = start_recipe(argv, DEFAULT_CONFIG, PretrainConfig, albef_model_for_pretraining, __doc__)
 
     # --- data (the model is built here: its image size sets the transforms) ---
     data = cfg.data

@@ -35,16 +35,10 @@ from torchmm_ext.data.transforms import albef_test_transform, albef_train_transf
 from torchmm_ext.engine import (
     all_reduce_sum,
     autocast_context,
-    check_kwargs,
     cleanup,
     config_to_dict,
     get_logger,
-    init_distributed,
     is_main_process,
-    load_config,
-    parse_args,
-    save_config,
-    seed_everything,
     StepContext,
     StepOutput,
 )
@@ -56,6 +50,7 @@ from torchmm_ext.engine.recipe_utils import (
     resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
+    start_recipe,
 )
 from torchmm_ext.models.albef import albef_model_for_text_assignment
 
@@ -130,15 +125,7 @@ def ta_accuracy(model, loader, device: torch.device, precision_ctx, seed: int) -
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv, DEFAULT_CONFIG, description=__doc__)
-    cfg = load_config(args.config, TAConfig, args.opts)
-    check_kwargs(albef_model_for_text_assignment, cfg.model, "model")
-    output_dir = Path(args.output_dir or cfg.output_dir)
-    dist = init_distributed()
-    seed_everything(cfg.train.seed, dist.rank)
-    if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+    args, cfg, output_dir, dist = start_recipe(argv, DEFAULT_CONFIG, TAConfig, albef_model_for_text_assignment, __doc__)
     if cfg.train.batch_size < 3:
         raise ValueError(f"train.batch_size={cfg.train.batch_size}: text assignment pairs each caption "
                          "with two other images of its batch, so a batch needs at least 3 samples")

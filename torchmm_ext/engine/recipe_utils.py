@@ -1,18 +1,19 @@
 """Small pieces several recipes share (config sections and set-up steps, no training loop)."""
 
+import argparse
 import json
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 from torch import nn, Tensor
 
 from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretrained, LoadReport
 from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, unwrap_state_dict
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
-from torchmm_ext.engine.config import config_to_dict
-from torchmm_ext.engine.distributed import barrier, is_main_process
+from torchmm_ext.engine.config import check_kwargs, config_to_dict, load_config, parse_args, save_config
+from torchmm_ext.engine.distributed import barrier, DistInfo, init_distributed, is_main_process, seed_everything
 from torchmm_ext.engine.metric_logging import get_logger
 
 _logger = get_logger(__name__)
@@ -205,3 +206,53 @@ def save_results(
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         for split, metrics in results.items():
             print(f"[{split}] {summary(split, metrics)}")
+
+
+class RecipeStart(NamedTuple):
+    """What :func:`start_recipe` returns.
+
+    Attributes:
+        args (argparse.Namespace): the parsed command line.
+        cfg (Any): the loaded config dataclass.
+        output_dir (Path): ``--output-dir`` or ``cfg.output_dir`` (created on rank 0).
+        dist (DistInfo): rank, world size and device.
+    """
+
+    args: argparse.Namespace
+    cfg: Any
+    output_dir: Path
+    dist: DistInfo
+
+
+def start_recipe(
+    argv: Optional[List[str]],
+    default_config: Path,
+    config_cls: type,
+    builder: Callable[..., nn.Module],
+    description: Optional[str] = None,
+) -> RecipeStart:
+    """The first steps of every recipe: parse the command line, load the config (unknown keys
+    are errors), check ``cfg.model`` against the builder's keyword arguments, join the process
+    group (torchrun or a single process), seed each rank, and save the resolved config to the
+    output directory.
+
+    Args:
+        argv (Optional[List[str]]): command-line arguments (``sys.argv[1:]`` when None).
+        default_config (Path): the config used without ``--config``.
+        config_cls (type): the recipe's config dataclass (with ``model``, ``train``, ``output_dir``).
+        builder (Callable[..., nn.Module]): the model builder ``cfg.model`` is passed to.
+        description (Optional[str]): ``--help`` text (the recipe's docstring).
+
+    Returns:
+        RecipeStart
+    """
+    args = parse_args(argv, default_config, description=description)
+    cfg = load_config(args.config, config_cls, args.opts)
+    check_kwargs(builder, cfg.model, "model")
+    output_dir = Path(args.output_dir or cfg.output_dir)
+    dist = init_distributed()
+    seed_everything(cfg.train.seed, dist.rank)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    return RecipeStart(args, cfg, output_dir, dist)

@@ -329,7 +329,7 @@ def test_cli_convert_round_trip_and_inspect(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     run = _cli("convert", "--from", "torchmm_ext", "--to", "albef", str(ours_path), str(back_path))
     assert run.returncode == 0, run.stderr
-    back = torch.load(back_path, weights_only=True)["model"]
+    back = torch.load(back_path, map_location="cpu", weights_only=True)["model"]
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in set(sd) - _momentum_fusion_keys(sd))
     run = _cli("inspect", str(ours_path))
@@ -342,7 +342,7 @@ def test_cli_convert_round_trip_and_inspect(tmp_path: Path) -> None:
     big = tmp_path / "ours384.pt"
     run = _cli("convert", "--from", "albef", "--to", "torchmm_ext", str(src), str(big), "--image-size", "48")
     assert run.returncode == 0 and "interpolated" in run.stdout
-    assert torch.load(big, weights_only=True)["model"]["vision_encoder.embeddings.position_embeddings"].shape[1] == 37
+    assert torch.load(big, map_location="cpu", weights_only=True)["model"]["vision_encoder.embeddings.position_embeddings"].shape[1] == 37
     bad = tmp_path / "bad.pt"
     torch.save({"x.weight": torch.zeros(1)}, bad)
     run = _cli("inspect", str(bad))

@@ -1,23 +1,19 @@
 import os
-import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from torchmm_ext.engine import distributed as D
 from torchmm_ext.engine.checkpoint import build_train_state
 from torchmm_ext.engine.train_loop import StepOutput, train_one_epoch
+from testing_utils import free_port, hide_gpus
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int) -> None:
+    hide_gpus()  # gloo on the CPU, also on a GPU machine
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
     info = D.init_distributed(backend="gloo")
@@ -69,7 +65,19 @@ def _worker(rank: int, port: int) -> None:
 
 
 def test_two_process_gloo():
-    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    # torchrun --nproc_per_node=2 on a one-GPU node: rank 1 has no device of its own.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=1 but this node has 1 visible CUDA device.*"
+                                           r"--nproc_per_node=1.*CUDA_VISIBLE_DEVICES="):
+        D.init_distributed()
 
 
 def test_single_process_fallbacks(monkeypatch):

@@ -1,7 +1,6 @@
 """Tests for torchmm_ext.evaluation.retrieval (recall metrics, batched/sharded ITM re-rank)."""
 
 import os
-import socket
 import tempfile
 from types import SimpleNamespace
 from typing import Dict, List, NamedTuple, Optional, Sequence
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 from torchmm_ext.evaluation import evaluate_retrieval, recall_metrics, RetrievalScores
+from testing_utils import free_port
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,12 +393,6 @@ def _dist_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_evaluate_retrieval_sharded_matches_single_process():
     images, dataset = make_data(n_img=DIST_N_IMG)
     tokenizer = FakeTokenizer(dataset.text)
@@ -406,8 +400,8 @@ def test_evaluate_retrieval_sharded_matches_single_process():
     single = evaluate_retrieval(model, make_loader(images), dataset, tokenizer, device="cpu",
                                 **DIST_KW)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_dist_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
-        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+        mp.spawn(_dist_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), map_location="cpu") for r in range(2)]
     n_txt = len(dataset.text)
     k = DIST_KW["k_test"]
     for res in results:

@@ -1,10 +1,6 @@
 """The grounding recipe end to end on a small cached shapes world, its configs and bad input."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,15 +14,10 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.engine import check_kwargs, load_config
 from torchmm_ext.evaluation.grounding import fusion_layer_index
 from torchmm_ext.models.albef import albef_model_for_retrieval
+from testing_utils import run_torchrun, shapes_world_opts, TINY_ENCODER_OPTS
 
 RECIPE = Path(finetune_grounding.__file__)
-SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
-               "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128"]
-
-
-def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0"]
+SMALL_MODEL = TINY_ENCODER_OPTS
 
 
 def _expected_refs(cache: Path, num_train: int = 40, num_eval: int = 10):
@@ -53,7 +44,7 @@ def test_shipped_configs_load_and_name_a_fusion_layer():
 
 
 def test_recipe_runs_end_to_end_and_reevaluates_an_albef_layout_checkpoint(shapes_cache, tmp_path, capsys):
-    opts = [*small_world_opts(shapes_cache), *SMALL_MODEL, "train.epochs=2", "train.max_steps_per_epoch=2",
+    opts = [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "train.epochs=2", "train.max_steps_per_epoch=2",
             "train.batch_size=8", "eval.batch_size=16"]
     results = finetune_grounding.main(["--output-dir", str(tmp_path), "--opts", *opts])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -64,7 +55,7 @@ def test_recipe_runs_end_to_end_and_reevaluates_an_albef_layout_checkpoint(shape
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in logged] == [0, 1] and "val/acc" in logged[-1]
     # --evaluate of the best weights in ALBEF's layout reproduces the scores
-    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["model"]
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     torch.save({"model": torchmm_ext_to_albef(best)}, tmp_path / "albef_layout.pth")
     evaluated = finetune_grounding.main(["--output-dir", str(tmp_path / "eval"), "--evaluate", "--checkpoint",
                                          str(tmp_path / "albef_layout.pth"), "--opts", *opts])
@@ -100,20 +91,10 @@ eval: {{block_num: 3}}
         finetune_grounding.main(["--config", str(config), "--output-dir", str(tmp_path / "out")])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_shard_and_sum_the_evaluation(shapes_cache, tmp_path):
     _expected_refs(shapes_cache)  # generate the world once, outside the two processes
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
-           "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL,
-           "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(RECIPE, tmp_path, [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "train.epochs=1",
+                                           "train.max_steps_per_epoch=2", "train.batch_size=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for split, count in _expected_refs(shapes_cache).items():  # each rank scored half; summed

@@ -2,10 +2,6 @@
 and the same job under torchrun with 2 processes."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,17 +26,14 @@ from torchmm_ext.engine import (
 )
 from torchmm_ext.engine.train_loop import train_one_epoch
 from torchmm_ext.models.albef import albef_model_for_retrieval
+from testing_utils import run_torchrun, shapes_world_opts, TINY_ENCODER_OPTS
 
 RECIPE = Path(finetune_retrieval.__file__)
-SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
-               "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128",
-               "model.embed_dim=32", "model.queue_size=256"]
+SMALL_MODEL = [*TINY_ENCODER_OPTS, "model.embed_dim=32", "model.queue_size=256"]
 
 
 def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}",
-            "train.num_workers=0", "eval.k_test=8"]
+    return [*shapes_world_opts(cache, num_train, num_eval), "eval.k_test=8"]
 
 
 def test_unknown_config_keys_name_the_valid_ones(shapes_cache, tmp_path):
@@ -140,7 +133,7 @@ def test_tiny_run_beats_chance_by_a_wide_margin(shapes_cache, tmp_path):
     assert again["test"]["r_mean"] == pytest.approx(test["r_mean"])
     # The best weights exported to the original ALBEF layout evaluate identically through
     # --checkpoint (layout detected and converted back).
-    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["model"]
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     torch.save({"model": torchmm_ext_to_albef(best)}, tmp_path / "albef_layout.pth")
     evaluated = finetune_retrieval.main(["--output-dir", str(tmp_path / "eval"), "--evaluate",
                                          "--checkpoint", str(tmp_path / "albef_layout.pth"),
@@ -148,34 +141,21 @@ def test_tiny_run_beats_chance_by_a_wide_margin(shapes_cache, tmp_path):
     assert evaluated["test"]["r_mean"] == pytest.approx(test["r_mean"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes(shapes_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
-           "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL, "train.epochs=1",
-           "train.max_steps_per_epoch=3", "train.batch_size=4", "train.log_every=1"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(RECIPE, tmp_path, [*small_world_opts(shapes_cache), *SMALL_MODEL, "train.epochs=1",
+                                           "train.max_steps_per_epoch=3", "train.batch_size=4",
+                                           "train.log_every=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert 0 <= results["test"]["r_mean"] <= 100
-    state = torch.load(tmp_path / "checkpoint_last.pth", weights_only=True)
+    state = torch.load(tmp_path / "checkpoint_last.pth", map_location="cpu", weights_only=True)
     assert len(state["rng_per_rank"]) == 2 and len(state["loader_per_rank"]) == 2
 
 
 @pytest.mark.slow
 def test_torchrun_default_job_reaches_single_process_scores(tmp_path):
     # The README's default job (~7 min) in 2 processes; the single-process run scores ~67.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
-           "--opts", f"data.shapes.cache_dir={tmp_path / 'cache'}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    proc = run_torchrun(RECIPE, tmp_path, [f"data.shapes.cache_dir={tmp_path / 'cache'}"], timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "results.json").read_text())["test"]["r_mean"] >= 50
 
@@ -197,7 +177,7 @@ def test_init_from_hf_bert_and_timm_vit_weights(shapes_cache, tmp_path):
             f"init.vision={tmp_path / 'vit.pth'}", f"init.text={tmp_path / 'bert.pth'}",
             "train.epochs=1", "train.max_steps_per_epoch=1"]
     finetune_retrieval.main(["--output-dir", str(tmp_path / "run"), "--opts", *opts])
-    state = torch.load(tmp_path / "run" / "checkpoint_last.pth", weights_only=True)["model"]
+    state = torch.load(tmp_path / "run" / "checkpoint_last.pth", map_location="cpu", weights_only=True)["model"]
     # One optimizer step at lr 5e-4 moves weights by ~1e-3 at most: still the loaded ones.
     torch.testing.assert_close(state["vision_encoder.embeddings.cls_token"], vit.cls_token, atol=2e-3, rtol=0)
     torch.testing.assert_close(state["text_encoder.embeddings.word_embeddings.weight"],

@@ -1,10 +1,6 @@
 """The SNLI-VE recipe end to end on a small cached shapes world, and its shipped configs."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +12,10 @@ from torchmm_ext.checkpoints import CheckpointShapeError, load_pretrained, torch
 from torchmm_ext.engine import check_kwargs, ConfigError, load_config
 from torchmm_ext.engine.recipe_utils import load_task_head, rank_shard
 from torchmm_ext.models.albef import albef_model_for_ve
+from testing_utils import run_torchrun, shapes_world_opts, TINY_ENCODER_OPTS
 
 RECIPE = Path(finetune_ve.__file__)
-SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
-               "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128"]
-
-
-def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0"]
+SMALL_MODEL = TINY_ENCODER_OPTS
 
 
 def test_every_shipped_config_loads():
@@ -49,7 +40,7 @@ def test_unknown_config_keys_name_the_valid_ones(tmp_path):
 
 @pytest.mark.parametrize("distill", [False, True])
 def test_recipe_runs_end_to_end(shapes_cache, tmp_path, capsys, distill):
-    opts = [*small_world_opts(shapes_cache), *SMALL_MODEL, f"model.distill={str(distill).lower()}",
+    opts = [*shapes_world_opts(shapes_cache), *SMALL_MODEL, f"model.distill={str(distill).lower()}",
             "loss.alpha=0.4", "train.epochs=2", "train.max_steps_per_epoch=3", "train.batch_size=8",
             "eval.batch_size=16"]
     results = finetune_ve.main(["--output-dir", str(tmp_path), "--opts", *opts])
@@ -68,7 +59,7 @@ def test_recipe_runs_end_to_end(shapes_cache, tmp_path, capsys, distill):
     # --evaluate --checkpoint on the best weights reproduces the test accuracy, in our layout
     # and in the original ALBEF layout (the export keeps cls_head under ALBEF's own names; the
     # import leaves it to the recipe, which takes it directly).
-    best = torch.load(tmp_path / "checkpoint_best.pth", weights_only=True)["model"]
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     assert any(k.startswith("cls_head_m.") for k in best)
     albef = torchmm_ext_to_albef(best)
     head = [k for k in best if k.startswith("cls_head.")]
@@ -99,25 +90,15 @@ def test_small_run_beats_chance_by_a_wide_margin(shapes_cache, tmp_path):
     # The default tiny model from scratch on 400 images (1,200 statements), 3 epochs of 37 steps
     # (~20 s on 2 cores). Chance is 33%; reading the text alone gives ~67% (neutral statements
     # are recognisable); measured: val 74.7%, test 76.7%.
-    opts = [*small_world_opts(shapes_cache, 400, 50), "train.epochs=3", "train.batch_size=32",
+    opts = [*shapes_world_opts(shapes_cache, 400, 50), "train.epochs=3", "train.batch_size=32",
             "train.checkpoint_every=0", "train.eval_every=3"]
     results = finetune_ve.main(["--output-dir", str(tmp_path), "--opts", *opts])
     assert results["test"]["acc"] > 60, results
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_shard_and_sum_the_evaluation(shapes_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
-           "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL, "model.distill=true",
-           "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(RECIPE, tmp_path, [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "model.distill=true",
+                                           "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for split in ("val", "test"):  # each rank scored half; the counts are summed over ranks

@@ -2,10 +2,6 @@
 decoder initialisation from a checkpoint without one."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,15 +13,14 @@ from torchmm_ext.checkpoints import init_answer_decoder
 from torchmm_ext.engine.recipe_utils import shapes_world_for_ranks, ShapesWorldConfig
 from torchmm_ext.engine import check_kwargs, ConfigError, load_config
 from torchmm_ext.models.albef import albef_model_for_vqa
+from testing_utils import run_torchrun, shapes_world_opts, TINY_ENCODER_OPTS
 
 RECIPE = Path(finetune_vqa.__file__)
-SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
-               "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128"]
+SMALL_MODEL = TINY_ENCODER_OPTS
 
 
 def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0", "init.checkpoint="]
+    return [*shapes_world_opts(cache, num_train, num_eval), "init.checkpoint="]
 
 
 def test_every_shipped_config_loads():
@@ -101,20 +96,11 @@ def test_decoder_is_initialised_only_from_a_checkpoint_without_one(tmp_path):
     assert torch.equal(model.answer_decoder.lm_head.dense.weight, head["mlm_head.dense.weight"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_torchrun_two_processes_shard_and_gather_the_evaluation(shapes_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(RECIPE), "--output-dir", str(tmp_path),
-           "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL, "model.distill=true",
-           "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=4", "eval.k_test=5"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(RECIPE, tmp_path, [*small_world_opts(shapes_cache), *SMALL_MODEL, "model.distill=true",
+                                           "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=4",
+                                           "eval.k_test=5"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for split in ("val", "test"):  # each rank answered half; the predictions are gathered

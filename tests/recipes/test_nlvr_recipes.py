@@ -18,17 +18,28 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.engine import check_kwargs, load_config
 from torchmm_ext.engine.recipe_utils import shapes_world_for_ranks, ShapesWorldConfig
 from torchmm_ext.models.albef import albef_model_for_nlvr, albef_model_for_retrieval, albef_model_for_text_assignment
+from testing_utils import run_torchrun, shapes_world_opts, TINY_ENCODER_OPTS
 
 CONFIGS = Path(finetune_nlvr.__file__).parent / "configs"
-SMALL_MODEL = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
-               "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128", "model.fusion_layers=1"]
+SMALL_MODEL = [*TINY_ENCODER_OPTS, "model.fusion_layers=1"]
 SHORT = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8", "eval.batch_size=16"]
 
 
 def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0", "init.checkpoint="]
+    return [*shapes_world_opts(cache, num_train, num_eval), "init.checkpoint="]
 
+
+
+def test_finetune_under_torchrun_two_processes_shards_and_sums_the_evaluation(shapes_cache, tmp_path):
+    proc = run_torchrun(Path(finetune_nlvr.__file__), tmp_path,
+                        [*small_world_opts(shapes_cache), *SMALL_MODEL, "model.distill=true", "train.epochs=1",
+                         "train.max_steps_per_epoch=2", "train.batch_size=4", "eval.batch_size=4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for split in ("dev", "test"):  # each rank scored its own shard; the counts are summed, none twice
+        assert results[split]["num_samples"] == 10 and 0 <= results[split]["acc"] <= 100
+    state = torch.load(tmp_path / "checkpoint_last.pth", map_location="cpu", weights_only=True)
+    assert len(state["rng_per_rank"]) == 2
 
 def test_shipped_configs_load_with_albef_hyperparameters():
     for name, schema, builder in (("nlvr_ta_shapes.yaml", TAConfig, albef_model_for_text_assignment),
@@ -55,7 +66,7 @@ def test_ta_then_finetune_from_its_checkpoint(shapes_cache, tmp_path, capsys):
     ta = pretrain_nlvr.main(["--output-dir", str(ta_dir), "--opts", *opts])
     assert set(ta) == {"val"} and ta["val"]["num_samples"] == 10 and 0 <= ta["val"]["ta_acc"] <= 100
     assert "[val] ta_acc" in capsys.readouterr().out
-    ta_weights = torch.load(ta_dir / "checkpoint_best.pth", weights_only=True)["model"]
+    ta_weights = torch.load(ta_dir / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     assert "ta_head.weight" in ta_weights and "fusion_encoder.layer.1.cross_attention.q_proj.weight" in ta_weights
 
     results = finetune_nlvr.main(["--output-dir", str(ft_dir), "--checkpoint", str(ta_dir / "checkpoint_best.pth"),
@@ -68,7 +79,7 @@ def test_ta_then_finetune_from_its_checkpoint(shapes_cache, tmp_path, capsys):
     assert "val/acc" in logged[-1]
     # The encoders started from the TA weights (checked on a parameter the 2 steps barely move
     # relative to the distance between a fresh init and the TA weights), the 2-way head fresh.
-    tuned = torch.load(ft_dir / "checkpoint_best.pth", weights_only=True)["model"]
+    tuned = torch.load(ft_dir / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     assert tuned["cls_head.2.weight"].shape[0] == 2 and "ta_head.weight" not in tuned
     key = "text_encoder.embeddings.word_embeddings.weight"
     fresh = albef_model_for_nlvr("tiny", vocab_size=ta_weights[key].shape[0], distill=False,
@@ -90,7 +101,7 @@ def test_finetune_from_a_single_image_checkpoint(shapes_cache, tmp_path):
     torch.save({"model": single.state_dict()}, tmp_path / "single.pth")
     finetune_nlvr.main(["--output-dir", str(tmp_path / "ft"), "--checkpoint", str(tmp_path / "single.pth"),
                         "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL, *SHORT, "model.distill=false"])
-    tuned = torch.load(tmp_path / "ft" / "checkpoint_best.pth", weights_only=True)["model"]
+    tuned = torch.load(tmp_path / "ft" / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
     for j in (0, 1):  # both layers of the pair started from single-image layer 0
         q = tuned[f"fusion_encoder.layer.{j}.cross_attention.q_proj.weight"]
         assert (q - 0.3).abs().max() < 0.05

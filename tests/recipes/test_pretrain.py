@@ -3,10 +3,6 @@ fine-tuning models and recipes, resume continues the run, and the shipped config
 hyperparameters."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +14,12 @@ from pretrain import PretrainConfig
 from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.engine import check_kwargs, ConfigError, load_config
 from torchmm_ext.models.albef import albef_model_for_pretraining, albef_model_for_retrieval, albef_model_for_ve
+from testing_utils import run_torchrun, shapes_world_opts
 
 RECIPE = Path(pretrain.__file__)
 SIZES = dict(patch_size=16, vision_width=64, vision_heads=2, vision_mlp_dim=128, text_width=64, text_heads=2,
              text_ffn_dim=128)
 SMALL_MODEL = [f"model.{k}={v}" for k, v in SIZES.items()]
-
-
-def small_world_opts(cache: Path, num_train: int = 40, num_eval: int = 10):
-    return [f"data.shapes.cache_dir={cache}", f"data.shapes.num_train={num_train}",
-            f"data.shapes.num_val={num_eval}", f"data.shapes.num_test={num_eval}", "train.num_workers=0"]
 
 
 def test_every_shipped_config_loads():
@@ -52,7 +44,7 @@ def test_unknown_config_keys_name_the_valid_ones(tmp_path):
 
 
 def test_recipe_runs_and_its_weights_fill_the_finetuning_models(shapes_cache, tmp_path, capsys):
-    opts = [*small_world_opts(shapes_cache), *SMALL_MODEL, "loss.alpha=0.4", "train.epochs=1",
+    opts = [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "loss.alpha=0.4", "train.epochs=1",
             "train.max_steps_per_epoch=2", "train.batch_size=8", "eval.batch_size=16", "eval.k_test=4"]
     results = pretrain.main(["--output-dir", str(tmp_path), "--opts", *opts])
     assert json.loads((tmp_path / "results.json").read_text()) == results
@@ -62,7 +54,7 @@ def test_recipe_runs_and_its_weights_fill_the_finetuning_models(shapes_cache, tm
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"train/loss_itc", "train/loss_mlm", "train/loss_itm"} <= set(logged[-1])
 
-    state = torch.load(weights, weights_only=True)["model"]
+    state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
     assert not any(k.startswith("queue.") for k in state)  # the shapes config has no queue
     assert any(k.startswith("mlm_head.") for k in state) and any(k.startswith("fusion_encoder_m.") for k in state)
     vocab_size = state["text_encoder.embeddings.word_embeddings.weight"].shape[0]
@@ -83,38 +75,30 @@ def test_recipe_runs_and_its_weights_fill_the_finetuning_models(shapes_cache, tm
     # The retrieval recipe takes the file with --checkpoint.
     evaluated = finetune_retrieval.main(
         ["--output-dir", str(tmp_path / "ft"), "--evaluate", "--checkpoint", str(weights), "--opts",
-         *small_world_opts(shapes_cache), *SMALL_MODEL, "eval.k_test=4", "eval.batch_size=16"])
+         *shapes_world_opts(shapes_cache), *SMALL_MODEL, "eval.k_test=4", "eval.batch_size=16"])
     assert 0.0 <= evaluated["test"]["r_mean"] <= 100.0
 
 
 def test_resume_continues_the_run(shapes_cache, tmp_path):
-    opts = [*small_world_opts(shapes_cache), *SMALL_MODEL, "train.max_steps_per_epoch=2", "train.batch_size=8",
+    opts = [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "train.max_steps_per_epoch=2", "train.batch_size=8",
             "eval.k_test=4"]
     pretrain.main(["--output-dir", str(tmp_path), "--opts", *opts, "train.epochs=1"])
-    first = torch.load(tmp_path / "pretrained.pth", weights_only=True)["model"]
+    first = torch.load(tmp_path / "pretrained.pth", map_location="cpu", weights_only=True)["model"]
     pretrain.main(["--output-dir", str(tmp_path), "--resume", "--opts", *opts, "train.epochs=2"])
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in logged] == [0, 1]  # epoch 0 was not trained again
-    second = torch.load(tmp_path / "pretrained.pth", weights_only=True)["model"]
+    second = torch.load(tmp_path / "pretrained.pth", map_location="cpu", weights_only=True)["model"]
     assert not torch.equal(first["vision_proj.weight"], second["vision_proj.weight"])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes(shapes_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           str(RECIPE), "--output-dir", str(tmp_path), "--opts", *small_world_opts(shapes_cache), *SMALL_MODEL,
-           "loss.alpha=0.4", "model.queue_size=32", "model.itc_online_batch=false", "train.epochs=1",
-           "train.max_steps_per_epoch=3", "train.batch_size=4", "eval.k_test=4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_torchrun(RECIPE, tmp_path, [*shapes_world_opts(shapes_cache), *SMALL_MODEL, "loss.alpha=0.4",
+                                           "model.queue_size=32", "model.itc_online_batch=false",
+                                           "train.epochs=1", "train.max_steps_per_epoch=3", "train.batch_size=4",
+                                           "eval.k_test=4"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = torch.load(tmp_path / "pretrained.pth", weights_only=True)["model"]
+    state = torch.load(tmp_path / "pretrained.pth", map_location="cpu", weights_only=True)["model"]
     # 3 steps x 2 ranks x 4 samples went through the queue, gathered over both ranks.
     assert (state["queue.idx_queue"] == -1).sum() == 24 and int(state["queue.ptr"]) == 24
     assert "r_mean" in json.loads((tmp_path / "results.json").read_text())["val_zero_shot"]

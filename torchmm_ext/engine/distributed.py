@@ -59,6 +59,13 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available()
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise RuntimeError(
+            f"LOCAL_RANK={local_rank} but this node has {visible} visible CUDA device(s): start at most "
+            f"{visible} process(es) per node (torchrun --nproc_per_node={visible}), or hide the GPUs "
+            f"(CUDA_VISIBLE_DEVICES=) to run the processes on CPU with gloo"
+        )
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)  # before init: nccl binds communicators to it

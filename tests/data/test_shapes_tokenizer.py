@@ -1,11 +1,15 @@
 """The offline WordPiece tokenizer of the shapes world and the other tokenizer sources."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from transformers import PreTrainedTokenizerBase
 
 from torchmm_ext.data import build_tokenizer, generate_shapes_world
+from torchmm_ext.data.tokenizer import train_wordpiece_vocab
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +44,39 @@ def test_round_trip_of_world_captions(world, tokenizer) -> None:
 
 
 def test_unknown_words(tokenizer) -> None:
-    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red λ circle zebra")["input_ids"])
-    assert tokens == ["[CLS]", "a", "red", "[UNK]", "circle", "[UNK]", "[SEP]"]
+    # A word outside the corpus but in its alphabet splits into pieces; a new character is [UNK].
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red λ circle cabbage")["input_ids"])
+    assert tokens == ["[CLS]", "a", "red", "[UNK]", "circle", "c", "##a", "##b", "##b", "##a", "##g", "##e", "[SEP]"]
+
+
+def test_vocabulary_layout_by_hand(tmp_path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The red box, a red cab.\nA BOX\n")
+    # words: a 2, box 2, red 2, the 1, cab 1; characters: , . a b c d e h o r t x
+    chars = [",", ".", "a", "b", "c", "d", "e", "h", "o", "r", "t", "x"]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    layout = [*specials, *chars, *("##" + c for c in chars)]
+    vocab = train_wordpiece_vocab(corpus, tmp_path / "v" / "vocab.txt", vocab_size=32)
+    # "a" is already a character; the rest by count, ties alphabetical; 32 leaves room for 3.
+    assert vocab.read_text().split("\n")[:-1] == [*layout, "box", "red", "cab"]
+    with pytest.raises(ValueError, match="vocab_size=20 cannot hold .* use at least 29"):
+        train_wordpiece_vocab(corpus, tmp_path / "small" / "vocab.txt", vocab_size=20)
+
+
+def test_vocabulary_is_the_same_in_every_process(world, tmp_path) -> None:
+    # Another machine (another hash seed) must give the same ids, or checkpoints would not transfer.
+    script = ("import sys; from torchmm_ext.data.tokenizer import train_wordpiece_vocab; "
+              "train_wordpiece_vocab(sys.argv[1], sys.argv[2])")
+    files = []
+    for seed in ("1", "2"):
+        files.append(tmp_path / seed / "vocab.txt")
+        subprocess.run([sys.executable, "-c", script, str(world.vocab_corpus), str(files[-1])], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+    assert files[0].read_bytes() == files[1].read_bytes()
 
 
 def test_vocabulary_is_cached_and_reloadable(world, tokenizer) -> None:
-    (vocab,) = world.root.glob("wordpiece_512_*/vocab.txt")
+    (vocab,) = world.root.glob("wordpiece_words512_*/vocab.txt")
     mtime = vocab.stat().st_mtime_ns
     again = build_tokenizer("shapes", corpus_file=world.vocab_corpus)
     assert vocab.stat().st_mtime_ns == mtime and again.get_vocab() == tokenizer.get_vocab()

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,7 +18,17 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def train_wordpiece_vocab(corpus_file: PathLike, vocab_file: PathLike, vocab_size: int = 512) -> Path:
-    """Train a BERT-style (lower-cased) WordPiece vocabulary and write it as ``vocab.txt``.
+    """Build a BERT-style (lower-cased) WordPiece vocabulary of a corpus and write it as ``vocab.txt``.
+
+    The vocabulary holds, in this order: the special tokens; every character of the corpus and
+    its ``##`` continuation (sorted), so any word spelt in the corpus' alphabet tokenizes without
+    ``[UNK]``; then the corpus' words, most frequent first (ties alphabetical), up to
+    ``vocab_size``. The same corpus always gives the same file, byte for byte.
+
+    ``tokenizers.trainers.WordPieceTrainer`` is not used because it breaks frequency ties in
+    hash-map order: two runs on one corpus give different vocabularies (different tokens and
+    ids), so a model trained against one machine's cache would read the wrong tokens on
+    another's. Normalisation and word splitting are still the ``tokenizers`` BERT ones.
 
     The file is written to a temporary name and renamed, so concurrent ranks never read a
     partial vocabulary.
@@ -25,21 +36,32 @@ def train_wordpiece_vocab(corpus_file: PathLike, vocab_file: PathLike, vocab_siz
     Args:
         corpus_file (PathLike): text file, one sentence per line.
         vocab_file (PathLike): output path.
-        vocab_size (int): target vocabulary size (an upper bound for tiny corpora).
+        vocab_size (int): the largest vocabulary; the rarest words are left out (they tokenize
+            into character pieces) when the corpus has more. Default: 512.
 
     Returns:
         Path: ``vocab_file``.
-    """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    tokenizer.train([str(corpus_file)], trainer)
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    assert tokens[: len(SPECIAL_TOKENS)] == list(SPECIAL_TOKENS), tokens[:8]
+    Raises:
+        ValueError: ``vocab_size`` cannot hold the special tokens and the corpus' characters.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter = Counter()
+    with open(corpus_file, encoding="utf-8") as f:
+        for line in f:
+            word_counts.update(word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    characters = sorted({c for word in word_counts for c in word})
+    tokens = [*SPECIAL_TOKENS, *characters, *(f"##{c}" for c in characters)]
+    if len(tokens) > vocab_size:
+        raise ValueError(
+            f"vocab_size={vocab_size} cannot hold the {len(SPECIAL_TOKENS)} special tokens and the "
+            f"{len(characters)} characters (x2 with ##) of {corpus_file}: use at least {len(tokens)}"
+        )
+    whole_words = sorted((w for w in word_counts if w not in tokens), key=lambda w: (-word_counts[w], w))
+    tokens += whole_words[: vocab_size - len(tokens)]
 
     vocab_file = Path(vocab_file)
     vocab_file.parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +90,7 @@ def build_tokenizer(
     * ``"shapes"``: train (once, then reuse) a WordPiece vocabulary on ``corpus_file`` and
       return a ``BertTokenizerFast`` on it: ``[CLS] text [SEP]``, ``[PAD]`` id 0, lower case,
       exactly like BERT's tokenizer but with a vocabulary of the shapes world. The vocabulary
-      is cached as ``<cache_dir or corpus dir>/wordpiece_<vocab_size>_<corpus hash>/vocab.txt``; that
+      is cached as ``<cache_dir or corpus dir>/wordpiece_words<vocab_size>_<corpus hash>/vocab.txt``; that
       directory can later be passed as ``name_or_path`` itself.
     * an existing directory: ``AutoTokenizer.from_pretrained(dir)``; it must hold
       ``tokenizer.json`` or ``vocab.txt``.
@@ -100,7 +122,8 @@ def build_tokenizer(
         vocab_dir = Path(cache_dir) if cache_dir is not None else corpus_file.parent
         # Keyed by the corpus content too, so a shared cache_dir never serves another world's vocabulary.
         digest = hashlib.sha256(corpus_file.read_bytes()).hexdigest()[:10]
-        vocab_file = vocab_dir / f"wordpiece_{vocab_size}_{digest}" / "vocab.txt"
+        # "words": the deterministic builder (earlier caches came from the hash-ordered trainer).
+        vocab_file = vocab_dir / f"wordpiece_words{vocab_size}_{digest}" / "vocab.txt"
         if not vocab_file.is_file():
             train_wordpiece_vocab(corpus_file, vocab_file, vocab_size)
         return _bert_from_vocab_dir(vocab_file.parent)

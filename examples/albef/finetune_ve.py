@@ -17,35 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Subset
-
 from torchmm_ext.data.datasets import RetrievalCollator, VEDataset
-from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
+from torchmm_ext.data.loader import build_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
-from torchmm_ext.engine import (
-    autocast_context,
-    cleanup,
-    config_to_dict,
-    get_logger,
-    StepContext,
-    StepOutput,
-)
-from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine import cleanup, get_logger
+from torchmm_ext.engine.fit import TrainConfig
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
+    finetune_classifier,
     initialize_weights,
-    ramped_alpha,
-    rank_shard,
     resolve_checkpoint,
-    save_results,
     shapes_world_for_ranks,
     ShapesWorldConfig,
     start_recipe,
 )
-from torchmm_ext.evaluation.classification import classification_accuracy
 from torchmm_ext.models.albef import albef_model_for_ve
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "ve_shapes.yaml"
@@ -132,36 +118,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
     initialize_weights(model, cfg.init, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
                        log=logger.info)
-    model.to(dist.device)
-    ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
-
-    def evaluate(split: str) -> Dict[str, float]:
-        dataset = eval_sets[split]
-        shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
-        loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
-        return classification_accuracy(model, loader, dist.device,
-                           lambda: autocast_context(dist.device, cfg.train.precision))
-
-    # --- train ---
-    def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
-        alpha = ramped_alpha(cfg.loss.alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch,
-                             ctx.steps_per_epoch)
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
-        acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
-        return StepOutput(out.loss, {"train_acc": acc})
-
-    if not args.evaluate:
-        train_and_reload_best(
-            model=model, train_model=ddp_model, loader=train_loader, step_fn=step_fn,
-            train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
-            config_dict=config_to_dict(cfg),
-            evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
-            best_metric_key="acc", resume=args.resume,
-        )
-
-    # --- evaluate ---
-    results = {split: evaluate(split) for split in eval_sets}
-    save_results(results, output_dir, lambda split, m: f"acc {m['acc']:.2f}")
+    # --- train (best by val accuracy), then evaluate every split ---
+    results = finetune_classifier(model, train_loader, eval_sets, collate, cfg, args, dist, output_dir,
+                                  select_split="val")
     cleanup()
     return results
 

@@ -5,16 +5,23 @@ import json
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 from torch import nn, Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
 
 from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretrained, LoadReport
 from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, unwrap_state_dict
+from torchmm_ext.data.loader import build_eval_dataloader
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
 from torchmm_ext.engine.config import check_kwargs, config_to_dict, load_config, parse_args, save_config
 from torchmm_ext.engine.distributed import barrier, DistInfo, init_distributed, is_main_process, seed_everything
+from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.metric_logging import get_logger
+from torchmm_ext.engine.precision import autocast_context
+from torchmm_ext.engine.train_loop import StepContext, StepOutput
+from torchmm_ext.evaluation.classification import classification_accuracy
 
 _logger = get_logger(__name__)
 
@@ -256,3 +263,68 @@ def start_recipe(
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     return RecipeStart(args, cfg, output_dir, dist)
+
+
+def finetune_classifier(
+    model: nn.Module,
+    train_loader: Iterable,
+    eval_sets: Mapping[str, Dataset],
+    collate: Callable,
+    cfg: Any,
+    args: argparse.Namespace,
+    dist: DistInfo,
+    output_dir: Path,
+    select_split: str,
+) -> Dict[str, Dict[str, float]]:
+    """The classification recipes' (SNLI-VE, NLVR2) training and evaluation.
+
+    Trains with the model's loss (cross-entropy, distilled from the momentum copy with the
+    ramped ``cfg.loss.alpha``), keeps the checkpoint best by accuracy on ``select_split``, then
+    scores every split of ``eval_sets``, each rank its own shard, and saves the results.
+
+    Args:
+        model (nn.Module): a classifier called as ``model(image, input_ids, attention_mask,
+            labels, alpha)`` returning ``.loss`` and ``.logits``; moved to ``dist.device`` here.
+        train_loader (Iterable): training batches with ``image``, ``input_ids``,
+            ``attention_mask`` and ``idx`` (the labels).
+        eval_sets (Mapping[str, Dataset]): evaluation splits by name.
+        collate (Callable): the evaluation batches' collate function.
+        cfg (Any): the recipe config (``train``, ``eval.batch_size``, ``loss.alpha``,
+            ``loss.alpha_warmup``).
+        args (argparse.Namespace): the command line (``evaluate``, ``resume``).
+        dist (DistInfo): the process group of :func:`start_recipe`.
+        output_dir (Path): checkpoints, logs and ``results.json``.
+        select_split (str): the split that picks the best checkpoint (if present).
+
+    Returns:
+        Dict[str, Dict[str, float]]: ``{split: {"acc", "num_samples"}}``.
+    """
+    model.to(dist.device)
+    train_model = DistributedDataParallel(model) if dist.is_distributed else model
+
+    def evaluate(split: str) -> Dict[str, float]:
+        dataset = eval_sets[split]
+        shard = Subset(dataset, rank_shard(len(dataset), dist.rank, dist.world_size))
+        loader = build_eval_dataloader(shard, cfg.eval.batch_size, cfg.train.num_workers, collate)
+        return classification_accuracy(model, loader, dist.device,
+                                       lambda: autocast_context(dist.device, cfg.train.precision))
+
+    def step_fn(model: nn.Module, batch: Dict[str, Tensor], ctx: StepContext) -> StepOutput:
+        alpha = ramped_alpha(cfg.loss.alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch,
+                             ctx.steps_per_epoch)
+        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
+        acc = (out.logits.argmax(dim=-1) == batch["idx"]).float().mean()
+        return StepOutput(out.loss, {"train_acc": acc})
+
+    if not args.evaluate:
+        train_and_reload_best(
+            model=model, train_model=train_model, loader=train_loader, step_fn=step_fn,
+            train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
+            config_dict=config_to_dict(cfg),
+            evaluate_fn=(lambda epoch: evaluate(select_split)) if select_split in eval_sets else None,
+            best_metric_key="acc", resume=args.resume,
+        )
+
+    results = {split: evaluate(split) for split in eval_sets}
+    save_results(results, output_dir, lambda split, m: f"acc {m['acc']:.2f}")
+    return results

@@ -40,9 +40,9 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
-    initialize_weights,
     ramped_alpha,
     rank_shard,
     resolve_checkpoint,
@@ -98,7 +98,7 @@ class EvalConfig:
 
 
 @dataclass
-class GroundingConfig:
+class GroundingConfig(MethodsConfig):
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_retrieval kwargs
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,7 +189,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
 
     # --- model ---
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
-    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
+    prepare_model(model, cfg, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

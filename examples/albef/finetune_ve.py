@@ -23,10 +23,10 @@ from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
 from torchmm_ext.engine import cleanup, get_logger
 from torchmm_ext.engine.fit import TrainConfig
+from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
     finetune_classifier,
-    initialize_weights,
     resolve_checkpoint,
     shapes_world_for_ranks,
     ShapesWorldConfig,
@@ -67,7 +67,7 @@ class EvalConfig:
 
 
 @dataclass
-class VEConfig:
+class VEConfig(MethodsConfig):
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_ve kwargs
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -116,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # --- model ---
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
-    initialize_weights(model, cfg.init, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
+    prepare_model(model, cfg, checkpoint, head_prefixes=("cls_head.", "cls_head_m."),
                        log=logger.info)
     # --- train (best by val accuracy), then evaluate every split ---
     results = finetune_classifier(model, train_loader, eval_sets, collate, cfg, args, dist, output_dir,

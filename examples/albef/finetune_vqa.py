@@ -38,9 +38,9 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
-    initialize_weights,
     ramped_alpha,
     rank_shard,
     resolve_checkpoint,
@@ -90,7 +90,7 @@ class EvalConfig:
 
 
 @dataclass
-class VQAConfig:
+class VQAConfig(MethodsConfig):
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_vqa kwargs
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # --- model ---
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
-    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
+    prepare_model(model, cfg, checkpoint, log=logger.info)
     decoder_init = init_answer_decoder(model, checkpoint or cfg.init.text)
     if decoder_init:
         logger.info(f"answer decoder initialised from the encoder: {', '.join(decoder_init)}")

@@ -43,9 +43,10 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
+from torchmm_ext.modules.efficiency import applied_methods
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
-    initialize_weights,
     ramped_alpha,
     resolve_checkpoint,
     shapes_world_for_ranks,
@@ -89,7 +90,7 @@ class EvalConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(MethodsConfig):
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_pretraining kwargs
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # --- model ---
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
-    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
+    prepare_model(model, cfg, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 
@@ -182,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         )
         if is_main_process():
             save_checkpoint(weights_path, {"model": pretrained_state_dict(model),
-                                           "config": config_to_dict(cfg)})
+                                           "config": config_to_dict(cfg),
+                                           "methods": applied_methods(model)})
         barrier()
 
     # --- evaluate ---

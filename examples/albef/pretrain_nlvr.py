@@ -43,9 +43,9 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
-    initialize_weights,
     rank_shard,
     resolve_checkpoint,
     shapes_world_for_ranks,
@@ -82,7 +82,7 @@ class EvalConfig:
 
 
 @dataclass
-class TAConfig:
+class TAConfig(MethodsConfig):
     model: Dict[str, Any] = field(default_factory=dict)  # albef_model_for_text_assignment kwargs
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
     if checkpoint:
         checkpoint = dual_image_checkpoint(checkpoint, model.fusion_encoder.num_layer_pairs)
-    initialize_weights(model, cfg.init, checkpoint, log=logger.info)
+    prepare_model(model, cfg, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 

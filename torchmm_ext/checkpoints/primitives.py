@@ -155,6 +155,32 @@ def load_state_dict_file(path: PathLike, *, weights_only: bool = True) -> StateD
     return unwrap_state_dict(checkpoint)
 
 
+def load_checkpoint_metadata(path: PathLike) -> Dict[str, Any]:
+    """The non-tensor top-level entries of a checkpoint file (``config``, ``methods``, ``epoch``,
+    ...); ``{}`` for a bare state dict or a ``.safetensors`` file. Tensors are memory-mapped,
+    not read.
+
+    Args:
+        path (PathLike): a checkpoint file.
+
+    Returns:
+        Dict[str, Any]: entry name -> value, without ``model`` / ``state_dict`` / tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping) or not any(k in checkpoint for k in _WRAPPER_KEYS):
+        return {}
+    return {k: v for k, v in checkpoint.items()
+            if k not in _WRAPPER_KEYS and not isinstance(v, (Tensor, Mapping)) or k in ("config", "methods")}
+
+
 def group_keys(keys: List[str], depth: int = 2) -> Dict[str, List[str]]:
     """Groups parameter names by module: the first ``depth`` dotted components of the owning
     module's path (``vision_proj.weight`` -> ``vision_proj``, ``queue.ptr`` -> ``queue``,

@@ -23,6 +23,7 @@ import torch
 from torch import nn, Tensor
 
 from torchmm_ext.engine.distributed import all_gather_object, get_rank
+from torchmm_ext.modules.efficiency import applied_methods
 
 FORMAT_VERSION = 1
 LAST_CHECKPOINT = "checkpoint_last.pth"
@@ -378,6 +379,7 @@ def build_train_state(
         "global_step": global_step,
         "best_metric": best_metric,
         "config": dict(config) if config is not None else None,
+        "methods": applied_methods(model),
         "extra": dict(extra) if extra is not None else {},
     }
 

@@ -337,13 +337,16 @@ def load_config(
     return _build(schema, raw, "", _Ctx(file, from_opts))
 
 
-def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], section: str) -> None:
+def check_kwargs(
+    fn: Callable[..., Any], kwargs: Mapping[str, Any], section: str, exclude: Sequence[str] = ()
+) -> None:
     """Check that every key of a free config section is a keyword parameter of ``fn``.
 
     Args:
         fn (Callable[..., Any]): the builder the section's keys are passed to.
         kwargs (Mapping[str, Any]): the section, e.g. ``cfg.model``.
         section (str): the section's name for the message, e.g. ``"model"``.
+        exclude (Sequence[str]): parameters the caller passes itself (not config keys).
 
     Raises:
         ConfigError: naming each unknown key and listing ``fn``'s keyword parameters.
@@ -355,6 +358,7 @@ def check_kwargs(fn: Callable[..., Any], kwargs: Mapping[str, Any], section: str
         p.name
         for p in params
         if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and p.name not in exclude
     ]
     unknown = [k for k in kwargs if k not in valid]
     if unknown:

@@ -25,6 +25,7 @@ from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
 from torchmm_ext.engine.train_loop import StepFn, steps_in_epoch, train_one_epoch
+from torchmm_ext.modules.efficiency import applied_methods
 
 logger = get_logger(__name__)
 
@@ -158,7 +159,8 @@ def fit(
                     save_checkpoint(
                         output_dir / BEST_CHECKPOINT,
                         {"model": unwrap_model(model).state_dict(), "epoch": epoch,
-                         "metrics": dict(val), "config": dict(config_dict)},
+                         "metrics": dict(val), "config": dict(config_dict),
+                         "methods": applied_methods(model)},
                     )
                 logger.info(f"epoch {epoch}: new best {best_metric_key} = {best:.2f}")
         save_last(epoch + 1, 0, global_step)

@@ -239,7 +239,8 @@ def start_recipe(
     description: Optional[str] = None,
 ) -> RecipeStart:
     """The first steps of every recipe: parse the command line, load the config (unknown keys
-    are errors), check ``cfg.model`` against the builder's keyword arguments, join the process
+    are errors), check ``cfg.model`` against the builder's keyword arguments and each enabled
+    efficiency-method section against its apply-function's, join the process
     group (torchrun or a single process), seed each rank, and save the resolved config to the
     output directory.
 
@@ -256,6 +257,9 @@ def start_recipe(
     args = parse_args(argv, default_config, description=description)
     cfg = load_config(args.config, config_cls, args.opts)
     check_kwargs(builder, cfg.model, "model")
+    from torchmm_ext.engine.efficiency import check_method_sections  # efficiency imports this module
+
+    check_method_sections(cfg)
     output_dir = Path(args.output_dir or cfg.output_dir)
     dist = init_distributed()
     seed_everything(cfg.train.seed, dist.rank)

@@ -3,7 +3,7 @@ encoding outputs."""
 
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
-from torch import Tensor
+from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, albef_text_encoder
@@ -45,6 +45,31 @@ ALBEF_PRESETS: Dict[str, Dict[str, Any]] = {
         queue_size=4096,
     ),
 }
+
+
+class ALBEFBlockGroupsMixin:
+    """``block_groups()`` for every ALBEF task model: the block lists the efficiency methods
+    (PELA, ELIP, DAS) reach by name (the convention of :mod:`torchmm_ext.modules.blocks`)."""
+
+    def block_groups(self) -> Dict[str, nn.ModuleList]:
+        """The online model's transformer blocks by group.
+
+        Returns:
+            Dict[str, nn.ModuleList]: ``vision`` (ViT blocks), ``text`` (text-only BERT
+            layers), ``fusion`` (cross-attention layers; NLVR2's 2 per ALBEF layer) and, for
+            VQA, ``decoder`` (the answer decoder's layers). Momentum copies are not listed:
+            their paths are the online paths with ``_m`` after the first name
+            (:func:`~torchmm_ext.modules.blocks.momentum_twin`).
+        """
+        groups = {
+            "vision": self.vision_encoder.blocks,
+            "text": self.text_encoder.encoder.layer,
+            "fusion": self.fusion_encoder.layer,
+        }
+        decoder = getattr(self, "answer_decoder", None)
+        if decoder is not None:
+            groups["decoder"] = decoder.layers.layer
+        return groups
 
 
 class ImageEncoding(NamedTuple):

@@ -24,7 +24,7 @@ from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
+from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, preset_sizes
 from torchmm_ext.models.albef.ve import ALBEFForVE, ALBEFVEOutput
 from torchmm_ext.modules.dual_image_fusion import DualImageFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -177,7 +177,7 @@ class ALBEFTextAssignmentOutput(NamedTuple):
     loss_itc: Tensor
 
 
-class ALBEFForTextAssignment(nn.Module):
+class ALBEFForTextAssignment(ALBEFBlockGroupsMixin, nn.Module):
     """ALBEF's text-assignment (TA) pre-training for NLVR2 (``model_pretrain_nlvr.ALBEF``): for
     a caption and a pair of images, is the caption about image 0, image 1, or neither? The pairs
     are built inside the batch (:func:`sample_text_assignment`) from image-caption data, so any

@@ -16,7 +16,7 @@ from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.modules.losses.albef import ImageTextContrastiveLoss
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders, ImageEncoding, preset_sizes, TextEncoding
+from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, ImageEncoding, preset_sizes, TextEncoding
 from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
 from torchmm_ext.modules.momentum import FeatureQueue, momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
@@ -58,7 +58,7 @@ class ITCITMOutput(NamedTuple):
     image_embeddings_m: Tensor
 
 
-class ALBEFForRetrieval(MomentumCopiesMixin, nn.Module):
+class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
     """ALBEF for image-text retrieval: ITC with queues and momentum distillation, ITM with hard
     negatives, and the encode / score methods the retrieval evaluation needs.
 

@@ -9,7 +9,7 @@ from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
+from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, preset_sizes
 from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -24,7 +24,7 @@ class ALBEFVEOutput(NamedTuple):
     logits: Tensor
 
 
-class ALBEFForVE(MomentumCopiesMixin, nn.Module):
+class ALBEFForVE(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
     """ALBEF for visual entailment (SNLI-VE; ALBEF ``model_ve.ALBEF``): the fused [CLS] state of
     (image, hypothesis) goes through an MLP head to 3 classes (contradiction 0, neutral 1,
     entailment 2: :data:`torchmm_ext.data.datasets.VE_LABELS`).

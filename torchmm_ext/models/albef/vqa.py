@@ -21,7 +21,7 @@ from torchmultimodal.modules.layers.text_embedding import BERTTextEmbeddings
 from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 from torchmultimodal.utils.common import remove_grad
 
-from torchmm_ext.models.albef._common import _albef_encoders, preset_sizes
+from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, preset_sizes
 from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, init_bert_weights
 from torchmm_ext.modules.vision_transformer import VisionTransformer
@@ -141,7 +141,7 @@ class ALBEFVQAOutput(NamedTuple):
     logits: Tensor
 
 
-class ALBEFForVQA(MomentumCopiesMixin, nn.Module):
+class ALBEFForVQA(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
     """ALBEF for VQA (ALBEF ``model_vqa.ALBEF``): the question is fused with the image by the
     ALBEF encoders; an answer decoder generates the answer while cross-attending to the fused
     question states. Training maximises the weighted likelihood of each question's answers;

@@ -41,6 +41,10 @@ _METHODS: Dict[str, tuple] = {
     "token_pruning": ("torchmm_ext.modules.token_pruning", "apply_token_pruning", {}, ()),
 }
 METHOD_ORDER: Sequence[str] = tuple(_METHODS)
+# Methods that change no weight or parameter name (ELIP only installs token reducers): a
+# checkpoint's record of one does not restructure the model, the config alone decides whether
+# the run uses it (ELIP pre-trains with pruning and fine-tunes without).
+WEIGHTLESS_METHODS: Sequence[str] = ("token_pruning",)
 
 
 @dataclass
@@ -165,6 +169,9 @@ def prepare_model(
     log = log or (lambda message: None)
     configured = method_sections(cfg)
     recorded = recorded_methods(checkpoint)
+    for name in [n for n in recorded if n in WEIGHTLESS_METHODS]:
+        log(f"{checkpoint} was made with {name} {recorded.pop(name)}; it changes no weights, so this "
+            f"run uses it only if its config has a {name} section")
     for name in recorded:
         if name in configured:
             _check_record_matches(name, recorded[name], configured[name], checkpoint)

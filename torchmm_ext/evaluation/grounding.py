@@ -119,6 +119,13 @@ def itm_gradcam(
     Returns:
         GradCAMOutput: maps on the ``g x g`` patch grid (float32).
     """
+    reducers = getattr(model.vision_encoder, "token_reducers", {})
+    if any(getattr(r, "eval_pruning", True) for r in reducers.values()):
+        raise ValueError(
+            "itm_gradcam needs the ViT's full patch grid, but this model prunes vision tokens at "
+            "evaluation (token_pruning): run grounding without the token_pruning section (it "
+            "holds no weights), or with token_pruning.eval_pruning: false"
+        )
     with torch.no_grad():
         image_embeddings = model.vision_encoder(image).last_hidden_state  # [B, 1 + g*g, Dv]
         text_embeddings = model.text_encoder(input_ids, attention_mask=attention_mask.bool()).last_hidden_state

@@ -51,11 +51,14 @@ class TokenReductionContext(NamedTuple):
         layer_idx (int): index of the block that just ran.
         guidance (Optional[Tensor]): optional per-sample guidance passed to ``forward`` (ELIP
             passes the text CLS embedding ``[B, D]``).
+        block_input (Optional[Tensor]): the tokens block ``layer_idx`` received (to score with
+            that block's own attention, :meth:`VisionTransformer.block_attention`).
     """
 
     encoder: "VisionTransformer"
     layer_idx: int
     guidance: Optional[Tensor]
+    block_input: Optional[Tensor] = None
 
 
 class TokenReducer(Protocol):
@@ -182,10 +185,10 @@ class VisionTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             if i == return_attention_layer:
                 attention = self.block_attention(i, x)
-            x = block(x)
+            block_input, x = x, block(x)
             reducer = self.token_reducers[str(i)] if str(i) in self.token_reducers else None
             if reducer is not None:
-                x = reducer(x, TokenReductionContext(self, i, guidance))
+                x = reducer(x, TokenReductionContext(self, i, guidance, block_input))
             if return_hidden_states:
                 hidden_states.append(x)
         return VisionTransformerOutput(

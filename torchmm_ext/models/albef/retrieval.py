@@ -48,8 +48,9 @@ class ITCITMOutput(NamedTuple):
     Attributes:
         loss_itc (Tensor): image-text contrastive loss.
         loss_itm (Tensor): image-text matching loss.
-        image_embeddings (Tensor): online image tokens ``[B, N, Dv]`` (with gradient).
-        image_embeddings_m (Tensor): momentum image tokens ``[B, N, Dv]`` (no gradient).
+        image_embeddings (Tensor): online image tokens ``[B, N, Dv]`` (with gradient; ``N`` is
+            the pruned length under token pruning).
+        image_embeddings_m (Tensor): momentum image tokens ``[B, N_m, Dv]`` (no gradient).
     """
 
     loss_itc: Tensor
@@ -125,15 +126,22 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         self.queue = FeatureQueue(embed_dim, queue_size)
         self.itc_loss = ImageTextContrastiveLoss()
 
+    # The text CLS guides the ViT (ELIP): apply_token_pruning accepts guidance_weight > 0.
+    passes_vision_guidance = True
+
     def _momentum_pairs(self) -> tuple[list[nn.Module], list[nn.Module]]:
         online = [self.vision_encoder, self.text_encoder, self.vision_proj, self.text_proj]
         copies = [self.vision_encoder_m, self.text_encoder_m, self.vision_proj_m, self.text_proj_m]
         return online, copies
 
 
-    def encode_image(self, image: Tensor) -> ImageEncoding:
-        """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``."""
-        embeddings = self.vision_encoder(image).last_hidden_state
+    def encode_image(self, image: Tensor, guidance: Optional[Tensor] = None) -> ImageEncoding:
+        """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``.
+
+        ``guidance`` (the text CLS ``[B, Dv]``) reaches the ViT's token reducers (ELIP's
+        text-guided pruning, :func:`~torchmm_ext.modules.token_pruning.apply_token_pruning`);
+        without reducers it changes nothing, and with them ``N`` is the pruned length."""
+        embeddings = self.vision_encoder(image, guidance=guidance).last_hidden_state
         return ImageEncoding(embeddings, F.normalize(self.vision_proj(embeddings[:, 0]), dim=-1))
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> TextEncoding:
@@ -211,8 +219,9 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
             queued_idx = torch.full_like(idx, _NO_IDX)
         else:
             idx = queued_idx = idx.view(-1)
-        image_enc = self.encode_image(image)
+        # Text first: its CLS guides ELIP's token pruning in the ViT (ignored without pruning).
         text_enc = self.encode_text(input_ids, attention_mask)
+        image_enc = self.encode_image(image, guidance=text_enc.embeddings[:, 0])
 
         # ITC against momentum features of the batch and the queue: [B, B + Q].
         idx_all = torch.cat([idx, self.queue.idx_queue[0]])
@@ -223,10 +232,12 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         empty = (idx_all == self.queue.empty_idx).view(1, -1)
         with torch.no_grad():
             momentum_update(*self._momentum_pairs(), self.momentum)
-            image_m = self.vision_encoder_m(image).last_hidden_state
+            text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
+            text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
+            # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every token
+            # unless token pruning was applied with prune_momentum=True.
+            image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
             image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
-            text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool())
-            text_feat_m = F.normalize(self.text_proj_m(text_m.last_hidden_state[:, 0]), dim=-1).float()
             # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
             image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
             text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)

@@ -147,7 +147,8 @@ def prepare_model(
     """Load a recipe's starting weights and apply its efficiency methods, in the right order.
 
     Methods recorded in ``checkpoint`` restructure the model first (with the recorded settings;
-    a config section for the same method must agree with them), then
+    a config section for the same method must agree with them; a method of
+    :data:`WEIGHTLESS_METHODS` is only logged, its config section alone decides), then
     :func:`~torchmm_ext.engine.recipe_utils.initialize_weights` loads ``cfg.init`` and the
     checkpoint, then the methods only the config enables are applied to the loaded weights.
     Call it before building the optimizer.

@@ -209,7 +209,8 @@ def main() -> None:
             mem += f" ({r['above_floor_mib']:.0f})"
         if base and name != "unpruned":
             key = "above_floor_mib" if r["above_floor_mib"] is not None else "peak_mib"
-            mem += f", {100 * (1 - r[key] / base[key]):.0f}% lower"
+            change = 100 * (1 - r[key] / base[key])
+            mem += f", {abs(change):.0f}% {'lower' if change >= 0 else 'higher'}"
         tokens = r["tokens_per_layer"]
         print(f"| {name} | {tokens} (mean {statistics.mean(tokens):.0f}) | {r['step_pairs_per_s']:.3f}"
               f"{ratio('step_pairs_per_s')} | {mem} | {r['encode_images_per_s']:.2f}{ratio('encode_images_per_s')}"

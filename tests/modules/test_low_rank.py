@@ -234,3 +234,16 @@ def test_bad_input() -> None:
     apply_low_rank(model)
     with pytest.raises(ValueError, match="already applied"):
         apply_low_rank(model)
+
+
+def test_base_albef_counts_match_the_published_rule(monkeypatch) -> None:
+    """PELA's rule on ALBEF's pre-training model (256 px), as computed from the published code
+    (REFERENCE.md): online 209.94M -> 87.11M (k=3), 117.89M (k=2), 148.49M (k=1.5). Built on
+    the meta device: no memory, no time."""
+    linspace = torch.linspace  # the ViT's drop-path schedule is read with .tolist()
+    monkeypatch.setattr(torch, "linspace", lambda *a, **k: linspace(*a, **{**k, "device": "cpu"}))
+    for ratio, published in ((3, 87.11), (2, 117.89), (1.5, 148.49)):
+        with torch.device("meta"):
+            model = albef_model_for_pretraining("base", image_size=256)
+        before, after = apply_low_rank(model, ratio=ratio, init="none").params["online"]
+        assert (round(before / 1e6, 2), round(after / 1e6, 2)) == (209.94, published)

@@ -52,6 +52,7 @@ DEFAULT_PACKED: Dict[str, int] = {
 }
 
 _INITS = ("svd", "none")
+_TOTALS = ("momentum copies", "online", "total")  # last in the report table
 
 
 def low_rank_rank(in_features: int, out_features: int, ratio: float) -> int:
@@ -358,7 +359,8 @@ def apply_low_rank(
             if replacement is not None:
                 setattr(parent, child_name, replacement)
     after = _param_counts(model, names)
-    params = {g: (before.get(g, 0), after.get(g, 0)) for g in before}
+    order = [*dict.fromkeys(names.values()), *sorted(set(before) - set(names.values()) - set(_TOTALS)), *_TOTALS]
+    params = {g: (before[g], after.get(g, 0)) for g in order if g in before}
     settings = {"ratio": float(ratio) if rank is None else None, "exclude": list(exclude),
                 "min_out_features": int(min_out_features), "init": init,
                 "groups": groups if groups is None or isinstance(groups, str) else

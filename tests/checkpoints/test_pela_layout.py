@@ -118,6 +118,8 @@ def test_published_file_without_record_gets_an_inferred_one(tmp_path: Path) -> N
     path = tmp_path / "pela_low_rank.pth"
     torch.save(_published_pela_state(), path)  # bare, no "methods"
     assert recorded_methods(str(path)) == {"low_rank": {"ratio": 3.0, "init": "none"}}
+    # an in-memory state dict (NLVR2's dual-image conversion hands one to prepare_model)
+    assert recorded_methods(_published_pela_state()) == {"low_rank": {"ratio": 3.0, "init": "none"}}
     model = albef_model_for_pretraining("tiny", **SIZES)
     prepare_model(model, MethodsConfig(), str(path))
     assert len(low_rank_layers(model)) > 0

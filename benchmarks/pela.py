@@ -13,8 +13,9 @@ The low-rank models are built with ``apply_low_rank(init="none")``: speed does n
 the values and a full SVD of ``base`` would only add minutes (``examples/pela/compress.py``
 times it). Inference phases run round-robin (one iteration of each model in turn per round,
 ``--warmup`` rounds untimed), so background load on a shared machine hits them alike; training
-runs model after model (three optimisers at once would not fit beside other jobs) and is
-therefore more exposed to load changes. Throughput is ``items / median iteration time``.
+runs model after model, each built afresh with its momentum copies (three base models with
+optimisers at once would not fit beside other jobs), and is therefore more exposed to load
+changes; the inference models drop their momentum copies. Throughput is ``items / median iteration time``.
 
 Usage::
 
@@ -76,6 +77,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     parser.add_argument("--queue-size", type=int, default=65536)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-train", action="store_true", help="inference phases only")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -85,6 +87,8 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     models, params = {}, {}
     for name, ratio in zip(names, ratios):
         model, online, momentum, _ = build(ratio, args.image_size, args.queue_size, device)
+        for child in [n for n, _ in model.named_children() if n.endswith("_m")]:
+            delattr(model, child)  # inference needs no momentum copies: less memory on a shared machine
         models[name], params[name] = model.eval(), (online, momentum)
 
     images = random_images(args.image_batch, args.image_size, gen).to(device)
@@ -119,8 +123,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     train_ids, train_mask = random_captions(b, args.text_length, gen)
     train_ids, train_mask = train_ids.to(device), train_mask.to(device)
     idx = torch.arange(b, device=device)
-    for name in names:
-        model = models[name].train()
+    models.clear()
+    gc.collect()
+    for name, ratio in zip(names, [] if args.no_train else ratios):
+        model = build(ratio, args.image_size, args.queue_size, device)[0].train()
         optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.02)
         times[name]["train"] = []
 
@@ -136,11 +142,10 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
             seconds = timed(step, device)
             if round_ >= args.warmup:
                 times[name]["train"].append(seconds)
-        del optimizer
-        models[name] = model.eval()
+        del optimizer, model
         gc.collect()
 
-    items = {"encode": args.image_batch, "rerank": u * k, "train": b}
+    items = {"encode": args.image_batch, "rerank": u * k, **({} if args.no_train else {"train": b})}
     rows = []
     full = {phase: items[phase] / statistics.median(times["full"][phase]) for phase in items}
     print(f"device {device} ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads, "
@@ -153,7 +158,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
         online, momentum = params[name]
         cells = [f"{online / 1e6:.1f}M", f"{100 * (online / params['full'][0] - 1):+.1f}%", f"{momentum / 1e6:.1f}M"]
         for phase in ("encode", "rerank", "train"):
-            cells += [f"{rate[phase]:.2f}", f"{rate[phase] / full[phase]:.2f}x"]
+            cells += [f"{rate[phase]:.2f}", f"{rate[phase] / full[phase]:.2f}x"] if phase in rate else ["-", "-"]
         print(f"| {name} | " + " | ".join(cells) + " |")
         rows.append({"model": name, "online_params": online, "momentum_params": momentum, "rate": rate,
                      "times": times[name]})

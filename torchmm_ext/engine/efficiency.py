@@ -114,12 +114,12 @@ def recorded_methods(path: Optional[PathLike]) -> Dict[str, Dict[str, Any]]:
     """The methods a checkpoint file says made it (its ``"methods"`` entry); ``{}`` for a plain
     checkpoint or no path. A file without the entry but with low-rank factor pairs (a published
     PELA checkpoint) gets the record :func:`torchmm_ext.checkpoints.pela.infer_methods` infers."""
-    if path is None or len(path) == 0:
-        return {}
     from torchmm_ext.checkpoints.pela import infer_methods  # a published PELA file: no record
 
     if isinstance(path, Mapping):  # an in-memory state dict (NLVR2's dual-image conversion)
-        return infer_methods(path)
+        return infer_methods(path) if path else {}
+    if not path:
+        return {}
     from torchmm_ext.checkpoints.primitives import load_checkpoint_metadata
 
     recorded = load_checkpoint_metadata(Path(path)).get("methods")

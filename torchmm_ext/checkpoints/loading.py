@@ -193,7 +193,7 @@ def load_pretrained(
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
-    whole_model = layout in ("torchmm_ext", "albef", "torchmultimodal")
+    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal")
     if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(

@@ -43,6 +43,7 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.distillation import build_distiller, DistillConfig
 from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
 from torchmm_ext.modules.efficiency import applied_methods
 from torchmm_ext.engine.recipe_utils import (
@@ -97,6 +98,7 @@ class PretrainConfig(MethodsConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: Optional[DistillConfig] = None  # set: PELA's distillation from a full-rank teacher
     output_dir: str = "outputs/albef_pretrain"
 
 
@@ -153,6 +155,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     prepare_model(model, cfg, checkpoint, log=logger.info)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
+    distiller = None
+    if cfg.distill is not None:
+        distiller = build_distiller(cfg.distill, lambda: albef_model_for_pretraining(**model_kwargs),
+                                    dist.device, logger.info)
 
     def zero_shot_retrieval() -> Dict[str, float]:
         loader = build_eval_dataloader(val_set, cfg.eval.batch_size, cfg.train.num_workers)
@@ -170,9 +176,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
         alpha = ramped_alpha(cfg.loss.alpha, cfg.loss.alpha_warmup, ctx.epoch, ctx.step_in_epoch,
                              ctx.steps_per_epoch)
-        out = model(batch["image"], batch["input_ids"], batch["attention_mask"], alpha)
+        inputs = (batch["image"], batch["input_ids"], batch["attention_mask"], alpha)
+        out = model(*inputs) if distiller is None else distiller(model, *inputs)
+        extra = {} if distiller is None else {"loss_kd": out.loss_kd, "loss_reg": out.loss_reg}
         return StepOutput(out.loss, {"loss_itc": out.loss_itc, "loss_mlm": out.loss_mlm,
-                                     "loss_itm": out.loss_itm})
+                                     "loss_itm": out.loss_itm, **extra})
 
     weights_path = output_dir / PRETRAINED_WEIGHTS
     if not args.evaluate:

@@ -41,7 +41,10 @@ def _convert(args: argparse.Namespace) -> int:
             state = convert_to_torchmm_ext(state, layout=source, image_size=args.image_size).state_dict
         elif args.image_size is not None:
             state = convert_to_torchmm_ext(state, layout=source, image_size=args.image_size).state_dict
-        conversion = torchmm_ext_to_albef_conversion(state)
+        from torchmm_ext.checkpoints.pela import factor_pairs, torchmm_ext_to_pela_conversion
+
+        # a low-rank model exports to PELA's layout (ALBEF names with factor pairs)
+        conversion = (torchmm_ext_to_pela_conversion if factor_pairs(state) else torchmm_ext_to_albef_conversion)(state)
     _save(conversion.state_dict, args.output)
     print(f"{args.input} ({source}) -> {args.output} ({args.target}): "
           f"{len(conversion.state_dict)} tensors")
@@ -58,6 +61,11 @@ def _inspect(args: argparse.Namespace) -> int:
     state = load_state_dict_file(args.file, weights_only=not args.unsafe_pickle)
     layout = detect_layout(state)
     print(f"layout: {layout}")
+    from torchmm_ext.checkpoints.pela import describe_low_rank
+
+    low_rank = describe_low_rank(state)
+    if low_rank:
+        print(low_rank)
     total = 0
     for group, keys in group_keys(list(state), depth=args.depth).items():
         count = sum(state[k].numel() for k in keys)

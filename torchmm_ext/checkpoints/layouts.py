@@ -10,6 +10,7 @@ __all__ = ["KNOWN_LAYOUTS", "detect_layout"]
 #: Layouts :func:`detect_layout` recognises, with a one-line description each.
 KNOWN_LAYOUTS: Mapping[str, str] = {
     "torchmm_ext": "this library's ALBEF (vision_encoder.*, text_encoder.*, fusion_encoder.*)",
+    "pela": "guoyang9/PELA low-rank ALBEF (ALBEF names, factorised Linears as <name>.0/.1)",
     "albef": "salesforce/ALBEF (visual_encoder.*, text_encoder[.bert].*, pre-training or fine-tuned)",
     "torchmultimodal": "TorchMultimodal's ALBEF (albef_model.{vision,text,multimodal}_encoder.*)",
     "hf_bert": "Hugging Face BERT ([bert.]embeddings.*, encoder.layer.N.attention.self.query.*)",
@@ -24,6 +25,8 @@ _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
             r"text_encoder\.encoder\.layer\.\d+\.attention\.input_proj\.|fusion_encoder\.layer\.)"
         ),
     ),
+    # PELA before ALBEF: the same names, with factor pairs (<layer>.1.weight) in the encoders.
+    ("pela", re.compile(r"^(visual_encoder|text_encoder|text_decoder)(_m)?\..*\.1\.weight$")),
     (
         "albef",
         re.compile(

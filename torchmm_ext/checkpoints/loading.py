@@ -95,6 +95,10 @@ def convert_to_torchmm_ext(
         out, notes = dict(state_dict), []  # type: StateDict, List[str]
         interpolate_vision_pos_embeds(out, image_size, notes)
         return Conversion(out, [], notes)
+    if layout == "pela":
+        from torchmm_ext.checkpoints.pela import pela_conversion
+
+        return pela_conversion(state_dict, image_size=image_size)
     if layout == "albef":
         return albef_conversion(state_dict, image_size=image_size)
     if layout == "torchmultimodal":
@@ -165,6 +169,15 @@ def load_pretrained(
                 state[key] = interpolate_pos_embed(state[key], grid)
                 notes.append(f"{key}: interpolated {before} -> {_shape(state[key])} to the model's grid")
 
+    from torchmm_ext.checkpoints.pela import check_low_rank_fit
+
+    origin = str(path_or_state_dict) if isinstance(path_or_state_dict, (str, Path)) else "the checkpoint"
+    low_rank_problems = check_low_rank_fit(state, expected, origin)
+    if low_rank_problems:
+        raise CheckpointShapeError(
+            f"{len(low_rank_problems)} layer(s) of the {layout} checkpoint have another low-rank structure than "
+            f"{type(model).__name__}:\n  " + "\n  ".join(low_rank_problems[:5])
+            + (f"\n  ... (+{len(low_rank_problems) - 5})" if len(low_rank_problems) > 5 else ""))
     mismatches = [
         f"{k}: checkpoint {_shape(state[k])} vs model {_shape(v)}"
         for k, v in expected.items() if k in state and state[k].shape != v.shape
@@ -180,7 +193,7 @@ def load_pretrained(
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
-    whole_model = layout in ("torchmm_ext", "albef", "torchmultimodal")
+    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal")
     if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(

@@ -116,13 +116,21 @@ def apply_methods(
 
 def recorded_methods(path: Optional[PathLike]) -> Dict[str, Dict[str, Any]]:
     """The methods a checkpoint file says made it (its ``"methods"`` entry); ``{}`` for a plain
-    checkpoint or no path. Layout converters may infer a record for files that have none (a
-    published PELA checkpoint): see :func:`torchmm_ext.checkpoints.loading.infer_methods`."""
+    checkpoint or no path. A file without the entry but with low-rank factor pairs (a published
+    PELA checkpoint) gets the record :func:`torchmm_ext.checkpoints.pela.infer_methods` infers."""
+    from torchmm_ext.checkpoints.pela import infer_methods  # a published PELA file: no record
+
+    if isinstance(path, Mapping):  # an in-memory state dict (NLVR2's dual-image conversion)
+        return infer_methods(path) if path else {}
     if not path:
         return {}
     from torchmm_ext.checkpoints.primitives import load_checkpoint_metadata
 
-    return dict(load_checkpoint_metadata(Path(path)).get("methods") or {})
+    recorded = load_checkpoint_metadata(Path(path)).get("methods")
+    if recorded:
+        return dict(recorded)
+
+    return infer_methods(path)
 
 
 def _check_record_matches(name: str, recorded: Mapping[str, Any], configured: Mapping[str, Any],

@@ -226,9 +226,13 @@ class FusionLayer(nn.Module):
         attn = self.attention
         b, length, d = x.shape
         h = attn.num_heads
-        w, bias = attn.input_proj.weight, attn.input_proj.bias
-        q = F.linear(x[:, :1], w[:d], bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
-        k, v = F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
+        if isinstance(attn.input_proj, nn.Linear):
+            w, bias = attn.input_proj.weight, attn.input_proj.bias
+            q = F.linear(x[:, :1], w[:d], bias[:d]).view(b, 1, h, d // h).transpose(1, 2)
+            k, v = F.linear(x, w[d:], bias[d:]).chunk(2, dim=-1)
+        else:  # a factorised projection (PELA's LowRankLinear): project every token
+            q, k, v = attn.input_proj(x).chunk(3, dim=-1)
+            q = q[:, :1].reshape(b, 1, h, d // h).transpose(1, 2)
         k = k.reshape(b, length, h, d // h).transpose(1, 2)
         v = v.reshape(b, length, h, d // h).transpose(1, 2)
         text_mask = text_mask[:, :, :1]  # the first query's row (a no-op for a [P, 1, 1, L] mask)

@@ -160,7 +160,7 @@ class ImageEmbeddings(nn.Module):
                 "resize (or pad) images to multiples of it"
             )
         proj = self.patch_embeddings.conv_projection
-        x = proj(images.to(proj.weight.dtype) if not torch.is_autocast_enabled() else images)
+        x = proj(images.to(proj.weight.dtype))  # [B, D, H / P, W / P]
         grid_h, grid_w = x.shape[2], x.shape[3]
         if pixel_mask is None:
             patch_mask = torch.ones(b, grid_h, grid_w, dtype=torch.long, device=images.device)

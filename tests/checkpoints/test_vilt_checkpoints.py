@@ -212,3 +212,22 @@ def test_checkpoints_of_other_architectures_or_sizes_are_clear_errors():
         load_pretrained(vilt, torchmm_ext_to_vilt(wider.state_dict()))
     with pytest.raises(ValueError, match="no place in the original ViLT layout"):
         torchmm_ext_to_vilt({**vilt.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+def test_a_lightning_file_with_pickled_trainer_state_converts_once_with_the_cli(tmp_path):
+    from torchmm_ext.checkpoints.__main__ import main as checkpoints_cli
+
+    model = vilt_model_for_vqa(num_answers=7, vocab_size=VOCAB, **SIZES)
+    randomize(model, seed=15)
+    lightning = {"state_dict": torchmm_ext_to_vilt(model.state_dict()), "epoch": 9,
+                 "callbacks": {torch.nn.Linear: {"best_model_score": 0.7}}}  # a class: not weights-only
+    torch.save(lightning, tmp_path / "vilt_vqa.ckpt")
+    with pytest.raises(RuntimeError, match="unsafe-pickle"):
+        load_pretrained(model, tmp_path / "vilt_vqa.ckpt")
+    assert checkpoints_cli(["convert", "--to", "torchmm_ext", str(tmp_path / "vilt_vqa.ckpt"),
+                            str(tmp_path / "vilt_vqa.pth"), "--unsafe-pickle"]) == 0
+    fresh = vilt_model_for_vqa(num_answers=7, vocab_size=VOCAB, **SIZES)
+    report = load_pretrained(fresh, tmp_path / "vilt_vqa.pth")
+    assert report.layout == "torchmm_ext_vilt" and report.missing == {} and report.unexpected == {}
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

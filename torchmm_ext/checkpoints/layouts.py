@@ -5,6 +5,8 @@ from typing import Mapping, Tuple
 
 from torch import Tensor
 
+from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS
+
 __all__ = ["KNOWN_LAYOUTS", "detect_layout"]
 
 #: Layouts :func:`detect_layout` recognises, with a one-line description each.
@@ -15,6 +17,7 @@ KNOWN_LAYOUTS: Mapping[str, str] = {
     "torchmultimodal": "TorchMultimodal's ALBEF (albef_model.{vision,text,multimodal}_encoder.*)",
     "hf_bert": "Hugging Face BERT ([bert.]embeddings.*, encoder.layer.N.attention.self.query.*)",
     "timm_vit": "timm ViT / DeiT (cls_token, pos_embed, patch_embed.proj.*, blocks.N.attn.qkv.*)",
+    **VILT_LAYOUTS,
 }
 
 _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
@@ -42,6 +45,9 @@ _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ),
     ("hf_bert", re.compile(r"^(bert\.)?encoder\.layer\.\d+\.attention\.self\.query\.")),
     ("timm_vit", re.compile(r"^(blocks\.\d+\.attn\.qkv\.|patch_embed\.proj\.)")),
+    ("vilt", re.compile(r"^transformer\.(blocks\.\d+\.attn\.qkv\.|pos_embed$|patch_embed\.proj\.)")),
+    ("hf_vilt", re.compile(r"^(vilt\.)?(embeddings\.text_embeddings\.|encoder\.layer\.\d+\.layernorm_before\.)")),
+    ("torchmm_ext_vilt", re.compile(r"^(vilt\.)?(image_embeddings\.patch_embeddings\.|modality_embeddings\.)")),
 )
 
 

@@ -15,6 +15,7 @@ from torchmm_ext.checkpoints.convert import (
     torchmultimodal_conversion,
 )
 from torchmm_ext.checkpoints.layouts import detect_layout
+from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS, vilt_conversion
 from torchmm_ext.checkpoints.primitives import (
     group_keys,
     interpolate_pos_embed,
@@ -107,6 +108,8 @@ def convert_to_torchmm_ext(
         return hf_bert_conversion(state_dict, fusion_layer)
     if layout == "timm_vit":
         return timm_vit_conversion(state_dict, image_size=image_size)
+    if layout in VILT_LAYOUTS:
+        return vilt_conversion(state_dict, layout=layout)
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -193,7 +196,7 @@ def load_pretrained(
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
-    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal")
+    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal", *VILT_LAYOUTS)
     if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(

@@ -5,6 +5,8 @@ from typing import Mapping, Tuple
 
 from torch import Tensor
 
+from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS
+
 __all__ = ["KNOWN_LAYOUTS", "detect_layout"]
 
 #: Layouts :func:`detect_layout` recognises, with a one-line description each.
@@ -18,6 +20,7 @@ KNOWN_LAYOUTS: Mapping[str, str] = {
     "clip": "CLIP vision tower, OpenAI ([visual.]conv1.*, transformer.resblocks.*) or Hugging Face "
             "([vision_model.]embeddings.patch_embedding.*)",
     "roberta": "Hugging Face RoBERTa with its prefix (roberta.encoder.layer.N.*); a bare one reads as hf_bert",
+    **VILT_LAYOUTS,
 }
 
 _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
@@ -46,6 +49,9 @@ _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ("meter", re.compile(r"^(vit_model\.visual\.|cross_modal_(text|image)_layers\.\d+\.)")),
     ("clip", re.compile(r"^(visual\.conv1\.|conv1\.weight$|(vision_model\.)?embeddings\.patch_embedding\.)")),
     ("roberta", re.compile(r"^roberta\.encoder\.layer\.\d+\.attention\.self\.query\.")),
+    ("vilt", re.compile(r"^transformer\.(blocks\.\d+\.attn\.qkv\.|pos_embed$|patch_embed\.proj\.)")),
+    ("hf_vilt", re.compile(r"^(vilt\.)?(embeddings\.text_embeddings\.|encoder\.layer\.\d+\.layernorm_before\.)")),
+    ("torchmm_ext_vilt", re.compile(r"^(vilt\.)?(image_embeddings\.patch_embeddings\.|modality_embeddings\.)")),
 )
 
 

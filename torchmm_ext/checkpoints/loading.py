@@ -16,6 +16,7 @@ from torchmm_ext.checkpoints.convert import (
 )
 from torchmm_ext.checkpoints.layouts import detect_layout
 from torchmm_ext.checkpoints.meter import clip_vision_conversion, meter_conversion, roberta_conversion
+from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS, vilt_conversion
 from torchmm_ext.checkpoints.primitives import (
     group_keys,
     interpolate_pos_embed,
@@ -110,6 +111,8 @@ def convert_to_torchmm_ext(
         return clip_vision_conversion(state_dict, image_size=image_size)
     if layout == "roberta":
         return roberta_conversion(state_dict)
+    if layout in VILT_LAYOUTS:
+        return vilt_conversion(state_dict, layout=layout)
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -119,7 +122,7 @@ def _shape(t: Tensor) -> str:
 
 #: Top-level modules only one model family has: a checkpoint and a model that disagree on the
 #: family are different architectures, whatever the tensors' shapes.
-_FAMILY_MARKERS = {"ALBEF": ("fusion_encoder.",), "METER": ("text_fusion.", "image_fusion.")}
+_FAMILY_MARKERS = {"ALBEF": ("fusion_encoder.",), "METER": ("text_fusion.", "image_fusion."), "ViLT": ("vilt.",)}
 
 
 def _family(keys: List[str]) -> Optional[str]:
@@ -213,7 +216,7 @@ def load_pretrained(
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
-    whole_model = layout in ("torchmm_ext", "albef", "torchmultimodal", "meter")
+    whole_model = layout in ("torchmm_ext", "albef", "torchmultimodal", "meter", *VILT_LAYOUTS)
     if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(

@@ -114,7 +114,7 @@ def recorded_methods(path: Optional[PathLike]) -> Dict[str, Dict[str, Any]]:
     """The methods a checkpoint file says made it (its ``"methods"`` entry); ``{}`` for a plain
     checkpoint or no path. Layout converters may infer a record for files that have none (a
     published PELA checkpoint): see :func:`torchmm_ext.checkpoints.loading.infer_methods`."""
-    if not path:
+    if not path or not isinstance(path, (str, Path)):  # none, or a state dict converted in memory
         return {}
     from torchmm_ext.checkpoints.primitives import load_checkpoint_metadata
 

@@ -353,7 +353,7 @@ def test_vqa_forward_backward_and_soft_score_loss() -> None:
     images, ids, mask = _batch()
     targets = torch.zeros(3, 7)
     targets[0, 2], targets[1, 5], targets[2, 1] = 1.0, 0.6, 0.3
-    out = model(images, ids, mask, targets)
+    out = model(images, ids, mask, targets=targets)
     assert out.logits.shape == (3, 7)
     # BCE mean over B x A times A, written out.
     p = torch.sigmoid(out.logits.double())
@@ -371,7 +371,8 @@ def test_nlvr_two_passes_with_image_types_1_and_2() -> None:
     assert model.modality_embeddings.num_embeddings == 3
     images, ids, mask = _batch()
     other = images.flip(0)
-    out = model(images, other, ids, mask, torch.tensor([0, 1, 1]))
+    pairs = torch.stack([images, other], dim=1)
+    out = model(pairs, ids, mask, labels=torch.tensor([0, 1, 1]))
     assert out.logits.shape == (3, 2)
     out.loss.backward()
     _grads_reach(model, "nlvr_head", "modality_embeddings", "text_fusion")
@@ -379,9 +380,11 @@ def test_nlvr_two_passes_with_image_types_1_and_2() -> None:
     with torch.no_grad():
         expected = model.nlvr_head(torch.cat([model.infer(images, ids, mask, 1).pooled,
                                               model.infer(other, ids, mask, 2).pooled], dim=-1))
-        torch.testing.assert_close(model(images, other, ids, mask).logits, expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model(pairs, ids, mask).logits, expected, atol=1e-5, rtol=1e-5)
         # The pair is ordered: swapping the images changes the answer's input.
-        assert not torch.allclose(model(other, images, ids, mask).logits, expected)
+        assert not torch.allclose(model(pairs.flip(1), ids, mask).logits, expected)
+    with pytest.raises(ValueError, match=r"images \[B, 2, 3, H, W\]"):
+        model(images, ids, mask)
 
 
 def test_retrieval_ranks_the_caption_among_negatives_and_scores_pairs_like_single_passes() -> None:
@@ -402,20 +405,36 @@ def test_retrieval_ranks_the_caption_among_negatives_and_scores_pairs_like_singl
     model.eval()
     with torch.no_grad():
         scores = model(images, group_ids, group_mask).scores
+        encoding = model.embed_images(images)
         for i in range(2):
             for j in range(3):
                 single = model.rank_scores(images[i:i + 1], group_ids[i, j:j + 1], group_mask[i, j:j + 1])
                 torch.testing.assert_close(scores[i, j:j + 1], single, atol=1e-5, rtol=1e-5)
+            # The evaluation path: one image encoding expanded over the image's texts.
+            pair = type(encoding)(*(t[i:i + 1].expand(3, *t.shape[1:]) for t in encoding))
+            torch.testing.assert_close(model.score_pairs(pair, group_ids[i], group_mask[i]), scores[i],
+                                       atol=1e-5, rtol=1e-5)
 
 
-def test_pretraining_mlm_and_itm_with_half_negatives() -> None:
+def test_pretraining_mlm_with_own_image_and_itm_on_the_given_images() -> None:
     torch.manual_seed(0)
-    model = meter_model_for_pretraining("tiny", pad_token_id=0, mask_token_id=4, cls_token_id=2)
+    model = meter_model_for_pretraining("tiny", pad_token_id=0, dropout=0.0)
     images, ids, mask = _batch(b=4)
-    out = model(images, ids, mask, generator=torch.Generator().manual_seed(1))
-    assert out.itm_labels.sum().item() == 2 and out.itm_logits.shape == (4, 2)
-    torch.testing.assert_close(out.loss, out.loss_mlm + out.loss_itm)
-    assert out.loss_mlm > 0
+    mlm_ids, mlm_labels = ids.clone(), torch.full_like(ids, -100)
+    mlm_ids[:, 2], mlm_labels[:, 2] = 4, ids[:, 2]  # one masked token per caption
+    itm_images, itm_labels = images[[0, 2, 1, 3]], torch.tensor([1, 0, 0, 1])
+    out = model(images, ids, mask, mlm_ids, mlm_labels, itm_images, itm_labels)
+    assert out.itm_logits.shape == (4, 2) and out.mlm_logits.shape == (4, 9, 512)
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.itm_loss)
+    torch.testing.assert_close(out.mlm_loss, F.cross_entropy(out.mlm_logits[:, 2], ids[:, 2]))
+    torch.testing.assert_close(out.itm_loss, F.cross_entropy(out.itm_logits, itm_labels))
+    model.eval()
+    with torch.no_grad():  # MLM reads the caption's own image, ITM the given ones
+        torch.testing.assert_close(model(images, ids, mask, mlm_ids, mlm_labels, itm_images, itm_labels).mlm_logits,
+                                   model.mlm_head(model.infer(images, mlm_ids, mask).text_states))
+        torch.testing.assert_close(model(images, ids, mask, mlm_ids, mlm_labels, itm_images, itm_labels).itm_logits,
+                                   model.itm_head(model.infer(itm_images, ids, mask).pooled))
+    model.train()
     out.loss.backward()
     _grads_reach(model, "mlm_head.dense", "itm_head", "text_fusion", "image_fusion")
     # The MLM decoder is not tied to the word embeddings (METER's MLMHead).

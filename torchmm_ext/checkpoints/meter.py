@@ -24,10 +24,11 @@ forward never reads them; its loader is ``strict=False``).
 """
 
 import re
-from typing import Dict, List, Mapping, Optional, Set
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Set, Union
 
 import torch
-from torch import Tensor
+from torch import nn, Tensor
 
 from torchmm_ext.checkpoints.convert import (
     _BERT_EMBEDDINGS,
@@ -44,12 +45,14 @@ from torchmm_ext.checkpoints.convert import (
     _wb,
     Conversion,
 )
-from torchmm_ext.checkpoints.primitives import interpolate_pos_embed, StateDict
+from torchmm_ext.checkpoints.primitives import interpolate_pos_embed, load_state_dict_file, StateDict
 
 __all__ = [
     "clip_vision_conversion",
     "meter_conversion",
     "meter_init_state_dict",
+    "meter_nlvr_checkpoint",
+    "meter_retrieval_checkpoint",
     "meter_to_torchmm_ext",
     "roberta_conversion",
     "torchmm_ext_to_meter",
@@ -338,3 +341,43 @@ def meter_init_state_dict(
     text = roberta_conversion(roberta_state_dict)
     state.update(text.state_dict)
     return Conversion(state, sorted(clip.ignored + text.ignored) + dropped, notes)
+
+
+# ---- task starting points (the recipes' ``checkpoint_adapter``) --------------------------------
+
+
+def _converted(path: Union[str, Path]) -> StateDict:
+    # Imported here: loading.py imports this module.
+    from torchmm_ext.checkpoints.loading import convert_to_torchmm_ext
+
+    return dict(convert_to_torchmm_ext(load_state_dict_file(path)).state_dict)
+
+
+def _in_memory(state: StateDict, description: str) -> StateDict:
+    from torchmm_ext.checkpoints.tasks import _ConvertedStateDict  # load reports name it by its source
+
+    return _ConvertedStateDict(state, description)
+
+
+def meter_nlvr_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = None) -> Union[str, StateDict]:
+    """What to load into a METER NLVR2 model for ``--checkpoint path``: a single-image
+    checkpoint (2 modality rows; any layout) gets the third row (the right image) as a copy of
+    the image row, as METER does after loading; an NLVR2 checkpoint is returned as its path."""
+    state = _converted(path)
+    key = "modality_embeddings.weight"
+    if key in state and state[key].shape[0] == 2:
+        state[key] = torch.cat([state[key], state[key][1:2]], dim=0)
+        return _in_memory(state, f"{path} (single-image: modality row 2 copied from row 1)")
+    return str(path)
+
+
+def meter_retrieval_checkpoint(path: Union[str, Path], model: Optional[nn.Module] = None) -> Union[str, StateDict]:
+    """What to load into a METER retrieval model for ``--checkpoint path``: a checkpoint with an
+    ITM head and no rank head (pre-training) gets ``rank_head`` = the ITM "match" row, as METER's
+    retrieval fine-tuning starts; otherwise the path itself."""
+    state = _converted(path)
+    if "itm_head.weight" in state and "rank_head.weight" not in state:
+        state["rank_head.weight"] = state["itm_head.weight"][1:].clone()
+        state["rank_head.bias"] = state["itm_head.bias"][1:].clone()
+        return _in_memory(state, f"{path} (rank_head initialised from the ITM match row)")
+    return str(path)

@@ -6,7 +6,7 @@ from torch import Tensor
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "AlbefRandAugment", "albef_train_transform", "albef_test_transform", "meter_transform"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "AlbefRandAugment", "albef_train_transform", "albef_test_transform"]
 
 # ALBEF normalises with CLIP's statistics, not ImageNet's.
 CLIP_MEAN: Tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -85,33 +85,3 @@ def albef_test_transform(image_size: int) -> T.Compose:
             T.Normalize(CLIP_MEAN, CLIP_STD),
         ]
     )
-
-
-def _to_rgb(image):  # a named function: transforms must pickle for data-loader workers
-    return image.convert("RGB")
-
-
-def meter_transform(image_size: int, randaugment: bool = False) -> T.Compose:
-    """METER's CLIP transform (``clip_transform``; ``clip_randaug`` with ``randaugment``):
-    optional RandAugment(2 ops, magnitude 9) -> bicubic resize of the shorter side -> centre
-    crop -> RGB tensor -> CLIP normalisation. METER uses it for training and evaluation alike.
-
-    METER's RandAugment is its own full op set (colour ops included); torchvision's full set is
-    used here. Leave it off where captions name colours (the shapes world).
-
-    Args:
-        image_size (int): output side in pixels.
-        randaugment (bool): apply RandAugment first (METER's ``*_randaug`` training configs).
-
-    Returns:
-        torchvision.transforms.Compose: PIL image -> normalised float tensor [3, S, S].
-    """
-    ops = [T.RandAugment(num_ops=2, magnitude=9)] if randaugment else []
-    ops += [
-        T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
-        T.CenterCrop(image_size),
-        T.Lambda(_to_rgb),
-        T.ToTensor(),
-        T.Normalize(CLIP_MEAN, CLIP_STD),
-    ]
-    return T.Compose(ops)

@@ -31,8 +31,11 @@ Where we knowingly differ from the original (each says why where it is done):
 * an image is encoded once per forward and its states are shared by every pair that uses it
   (METER re-encodes the image for each of the 16 retrieval pairs and for each pre-training
   objective); the result is the same;
-* pre-training and retrieval ITM negatives are other images / texts of the same batch
-  (METER draws a random image of the data set), see :class:`METERForPretraining`.
+* retrieval's ITM pairs come from the rank pass (see :class:`METERForRetrieval`).
+
+The task models meet the contract of :mod:`torchmm_ext.tasks` (the shared recipe bodies):
+``forward(images, input_ids, attention_mask, pixel_mask=None, ...)``. ``pixel_mask`` is accepted
+for that contract and ignored: METER's images are square crops without padding.
 """
 
 from typing import Any, Dict, List, NamedTuple, Optional
@@ -43,7 +46,7 @@ from torch import nn, Tensor
 from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 
-from torchmm_ext.modules.mlm import mask_tokens, masked_lm_loss
+from torchmm_ext.modules.mlm import masked_lm_loss
 from torchmm_ext.modules.text_encoder import albef_text_encoder, FusionLayer, init_bert_weights, padding_mask
 from torchmm_ext.modules.vision_transformer import QuickGELU, VisionTransformer
 
@@ -54,6 +57,7 @@ __all__ = [
     "METERForPretraining",
     "METERForRetrieval",
     "METERForVQA",
+    "METERImageEncoding",
     "METERModel",
     "METEROutput",
     "METERPretrainingOutput",
@@ -185,8 +189,8 @@ class METERModel(nn.Module):
 
     Inputs (forward = :meth:`infer`):
         images (Tensor): ``[B, 3, S, S]`` (CLIP-normalised).
-        text_ids (Tensor): ``[B, L]`` token ids.
-        text_mask (Tensor): ``[B, L]`` 1/0 padding mask.
+        input_ids (Tensor): ``[B, L]`` token ids.
+        attention_mask (Tensor): ``[B, L]`` 1/0 padding mask.
         image_token_type (int): modality id of the image tokens (1; NLVR2: 1 or 2).
 
     Returns:
@@ -285,13 +289,15 @@ class METERModel(nn.Module):
         pooled = torch.cat([self.text_pooler(x), self.image_pooler(y)], dim=-1)
         return METEROutput(x, y, pooled)
 
-    def infer(self, images: Tensor, text_ids: Tensor, text_mask: Tensor, image_token_type: int = 1) -> METEROutput:
-        text_states = self.encode_text(text_ids, text_mask)
+    def infer(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, image_token_type: int = 1
+              ) -> METEROutput:
+        text_states = self.encode_text(input_ids, attention_mask)
         image_states = self.encode_image(images, guidance=text_states[:, 0])
-        return self.fuse(text_states, text_mask, image_states, image_token_type)
+        return self.fuse(text_states, attention_mask, image_states, image_token_type)
 
-    def forward(self, images: Tensor, text_ids: Tensor, text_mask: Tensor, image_token_type: int = 1) -> METEROutput:
-        return self.infer(images, text_ids, text_mask, image_token_type)
+    def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, image_token_type: int = 1
+                ) -> METEROutput:
+        return self.infer(images, input_ids, attention_mask, image_token_type)
 
 
 # ---- tasks ------------------------------------------------------------------------------------
@@ -330,7 +336,8 @@ class METERForVQA(METERModel):
         (others as :class:`METERModel`)
 
     Inputs (forward):
-        images, text_ids, text_mask: as :class:`METERModel`.
+        images, input_ids, attention_mask: as :class:`METERModel`.
+        pixel_mask (Optional[Tensor]): ignored (no padded images).
         targets (Optional[Tensor]): ``[B, A]`` soft scores.
 
     Returns:
@@ -343,9 +350,10 @@ class METERForVQA(METERModel):
         self.vqa_head = classifier_head(2 * self.hidden_size, 2 * self.hidden_size, num_answers)
 
     def forward(  # type: ignore[override]
-        self, images: Tensor, text_ids: Tensor, text_mask: Tensor, targets: Optional[Tensor] = None
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, pixel_mask: Optional[Tensor] = None,
+        targets: Optional[Tensor] = None,
     ) -> METERClassifierOutput:
-        logits = self.vqa_head(self.infer(images, text_ids, text_mask).pooled)
+        logits = self.vqa_head(self.infer(images, input_ids, attention_mask).pooled)
         loss = vqa_soft_bce(logits, targets) if targets is not None else None
         return METERClassifierOutput(logits, loss)
 
@@ -358,8 +366,9 @@ class METERForNLVR(METERModel):
     The text and each image are encoded once; the two fusion passes share the text states.
 
     Inputs (forward):
-        images_0, images_1 (Tensor): ``[B, 3, S, S]`` the left and right images.
-        text_ids, text_mask: the sentence, as :class:`METERModel`.
+        images (Tensor): ``[B, 2, 3, S, S]`` the left and right images.
+        input_ids, attention_mask: the sentence, as :class:`METERModel`.
+        pixel_mask (Optional[Tensor]): ignored (no padded images).
         labels (Optional[Tensor]): ``[B]`` 1 = true, 0 = false.
 
     Returns:
@@ -372,18 +381,31 @@ class METERForNLVR(METERModel):
         self.nlvr_head = classifier_head(4 * self.hidden_size, 2 * self.hidden_size, 2)
 
     def forward(  # type: ignore[override]
-        self, images_0: Tensor, images_1: Tensor, text_ids: Tensor, text_mask: Tensor,
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, pixel_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
     ) -> METERClassifierOutput:
-        text_states = self.encode_text(text_ids, text_mask)
-        guidance = text_states[:, 0]
+        if images.dim() != 5 or images.size(1) != 2:
+            raise ValueError(f"NLVR2 takes an image pair per sample, images [B, 2, 3, H, W]; got {tuple(images.shape)}")
+        b = images.size(0)
+        text_states = self.encode_text(input_ids, attention_mask)
+        guidance = text_states[:, 0].repeat(2, 1)
+        # Both images in one ViT pass: [left images; right images].
+        image_states = self.encode_image(images.transpose(0, 1).flatten(0, 1), guidance)
         pooled = [
-            self.fuse(text_states, text_mask, self.encode_image(images, guidance), image_type).pooled
-            for image_type, images in ((1, images_0), (2, images_1))
+            self.fuse(text_states, attention_mask, image_states[i * b:(i + 1) * b], image_token_type=i + 1).pooled
+            for i in range(2)
         ]
         logits = self.nlvr_head(torch.cat(pooled, dim=-1))
         loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
         return METERClassifierOutput(logits, loss)
+
+
+class METERImageEncoding(NamedTuple):
+    """Attributes:
+    states (Tensor): ViT states ``[B, N, Dv]`` (the shared retrieval evaluation expands its rows).
+    """
+
+    states: Tensor
 
 
 class METERRetrievalOutput(NamedTuple):
@@ -416,11 +438,15 @@ class METERForRetrieval(METERModel):
         freeze_itm_head (bool): METER freezes ``itm_score`` when fine-tuning for retrieval.
         (others as :class:`METERModel`)
 
+    Evaluation (the shared recipe's all-pairs scoring): :meth:`embed_images` once per image,
+    :meth:`score_pairs` for (image, text) pairs.
+
     Inputs (forward):
         images (Tensor): ``[B, 3, S, S]``.
-        text_ids (Tensor): ``[B, G, L]``: per image, its caption then ``G - 1`` negatives
+        input_ids (Tensor): ``[B, G, L]``: per image, its caption then ``G - 1`` negatives
             (``[B, L]`` is read as ``G = 1``).
-        text_mask (Tensor): ``[B, G, L]`` (or ``[B, L]``) 1/0 padding mask.
+        attention_mask (Tensor): ``[B, G, L]`` (or ``[B, L]``) 1/0 padding mask.
+        pixel_mask (Optional[Tensor]): ignored (no padded images).
 
     Returns:
         METERRetrievalOutput (losses only when ``G > 1``)
@@ -444,37 +470,32 @@ class METERForRetrieval(METERModel):
         self.rank_head.weight.copy_(self.itm_head.weight[1:])
         self.rank_head.bias.copy_(self.itm_head.bias[1:])
 
-    def score_pairs(self, image_states: Tensor, image_index: Tensor, text_states: Tensor, text_mask: Tensor
-                    ) -> METEROutput:
-        """Fuses pairs from cached unimodal states: pair ``p`` is image ``image_index[p]`` with
-        text ``p``.
+    def embed_images(self, images: Tensor, pixel_mask: Optional[Tensor] = None) -> "METERImageEncoding":
+        """The ViT states of each image, computed once for all the texts it is scored with."""
+        return METERImageEncoding(self.encode_image(images))
 
-        Args:
-            image_states (Tensor): :meth:`encode_image` output ``[U, N, Dv]``.
-            image_index (Tensor): ``[P]`` rows of ``image_states``.
-            text_states (Tensor): :meth:`encode_text` output ``[P, L, Dt]``.
-            text_mask (Tensor): ``[P, L]``.
+    def score_pairs(self, image_encoding: "METERImageEncoding", input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Rank scores ``[N]`` of pairs: row ``n`` of ``image_encoding`` (from :meth:`embed_images`)
+        with text ``n``."""
+        text_states = self.encode_text(input_ids, attention_mask)
+        return self.rank_head(self.fuse(text_states, attention_mask, image_encoding.states).pooled)[:, 0]
 
-        Returns:
-            METEROutput of the ``P`` pairs (rank scores: ``rank_head(out.pooled)``).
-        """
-        return self.fuse(text_states, text_mask, image_states[image_index])
-
-    def rank_scores(self, images: Tensor, text_ids: Tensor, text_mask: Tensor) -> Tensor:
+    def rank_scores(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Rank score ``[B]`` of each (image, text) pair."""
-        return self.rank_head(self.infer(images, text_ids, text_mask).pooled)[:, 0]
+        return self.rank_head(self.infer(images, input_ids, attention_mask).pooled)[:, 0]
 
     def forward(  # type: ignore[override]
-        self, images: Tensor, text_ids: Tensor, text_mask: Tensor
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, pixel_mask: Optional[Tensor] = None
     ) -> METERRetrievalOutput:
-        if text_ids.dim() == 2:
-            text_ids, text_mask = text_ids[:, None], text_mask[:, None]
-        b, g, length = text_ids.shape
-        text_states = self.encode_text(text_ids.reshape(b * g, length), text_mask.reshape(b * g, length))
+        if input_ids.dim() == 2:
+            input_ids, attention_mask = input_ids[:, None], attention_mask[:, None]
+        b, g, length = input_ids.shape
+        text_mask = attention_mask.reshape(b * g, length)
+        text_states = self.encode_text(input_ids.reshape(b * g, length), text_mask)
         guidance = text_states.view(b, g, length, -1)[:, 0, 0]  # each image's own caption
         image_states = self.encode_image(images, guidance)
-        image_index = torch.arange(b, device=images.device).repeat_interleave(g)
-        fused = self.score_pairs(image_states, image_index, text_states, text_mask.reshape(b * g, length))
+        # Each image is encoded once and shared by its G pairs.
+        fused = self.fuse(text_states, text_mask, image_states.repeat_interleave(g, dim=0))
         scores = self.rank_head(fused.pooled).view(b, g)
         if g == 1:
             return METERRetrievalOutput(scores)
@@ -487,49 +508,41 @@ class METERForRetrieval(METERModel):
 
 class METERPretrainingOutput(NamedTuple):
     """Attributes:
-    loss (Tensor): ``loss_mlm + loss_itm`` (METER weighs them equally).
-    loss_mlm (Tensor): masked language modelling cross-entropy.
-    loss_itm (Tensor): image-text matching cross-entropy.
+    loss (Tensor): ``mlm_loss + itm_loss`` (METER weighs them equally).
+    mlm_loss (Tensor): masked language modelling cross-entropy.
+    itm_loss (Tensor): image-text matching cross-entropy.
+    mlm_logits (Tensor): ``[B, L, V]``.
     itm_logits (Tensor): ``[B, 2]``.
-    itm_labels (Tensor): ``[B]`` 1 = matched pair.
     """
 
     loss: Tensor
-    loss_mlm: Tensor
-    loss_itm: Tensor
+    mlm_loss: Tensor
+    itm_loss: Tensor
+    mlm_logits: Tensor
     itm_logits: Tensor
-    itm_labels: Tensor
 
 
 class METERForPretraining(METERModel):
     """METER pre-training (``task_mlm_itm_clip_bert``): masked language modelling on the fused
     text states (``mlm_head``: dense -> GELU -> LayerNorm -> decoder, NOT tied to the word
-    embeddings, as METER's ``MLMHead``), and image-text matching (``itm_head``,
-    ``Linear(2H, 2)``) on the pooled features where half of the images (exactly
-    ``B // 2``, at random positions) are replaced by another image of the batch.
-
-    METER draws its false image from the whole data set; an in-batch image is the same kind of
-    negative without an extra loading and encoding pass. The image is encoded once and shared
-    by the MLM and ITM passes (CLIP has no dropout, so this is exact).
-
-    Args:
-        mask_token_id (int): id of the mask token (RoBERTa ``<mask>`` 50264).
-        cls_token_id (int): id of the first token, never masked (RoBERTa ``<s>`` 0).
-        pad_token_id (int): padding id, never masked (RoBERTa 1).
-        mlm_probability (float): 0.15.
-        (others as :class:`METERModel`)
+    embeddings, as METER's ``MLMHead``) with the caption's own image, and image-text matching
+    (``itm_head``, ``Linear(2H, 2)``) on the pooled features of (image, caption) pairs where the
+    collator swapped some images (:class:`~torchmm_ext.data.vl_tasks.MLMITMCollator`). Two
+    passes, as METER's ``compute_mlm`` and ``compute_itm``.
 
     Inputs (forward):
-        images, text_ids, text_mask: as :class:`METERModel` (text unmasked).
-        generator (Optional[torch.Generator]): random source for masking and ITM negatives.
+        images, input_ids, attention_mask: the caption and its image.
+        mlm_input_ids (Tensor): ``[B, L]`` the masked caption.
+        mlm_labels (Tensor): ``[B, L]`` original ids at the masked positions, -100 elsewhere.
+        itm_images (Tensor): ``[B, 3, S, S]`` the ITM images (own or another).
+        itm_labels (Tensor): ``[B]`` 1 = own image.
+        pixel_mask, itm_pixel_mask (Optional[Tensor]): ignored (no padded images).
 
     Returns:
         METERPretrainingOutput
     """
 
-    def __init__(self, vision_encoder: VisionTransformer, text_encoder: BERTTextEncoder, *,
-                 mask_token_id: int = 50264, cls_token_id: int = 0, pad_token_id: int = ROBERTA_PAD_TOKEN_ID,
-                 mlm_probability: float = 0.15, **kwargs: Any) -> None:
+    def __init__(self, vision_encoder: VisionTransformer, text_encoder: BERTTextEncoder, **kwargs: Any) -> None:
         super().__init__(vision_encoder, text_encoder, **kwargs)
         vocab_size = text_encoder.embeddings.word_embeddings.num_embeddings
         self.mlm_head = MaskedPredictionHead(hidden_size=self.hidden_size, vocab_size=vocab_size,
@@ -537,36 +550,18 @@ class METERForPretraining(METERModel):
         self.itm_head = nn.Linear(2 * self.hidden_size, 2)
         init_bert_weights(self.mlm_head)
         init_bert_weights(self.itm_head)
-        self.vocab_size = vocab_size
-        self.mask_token_id, self.cls_token_id, self.pad_token_id = mask_token_id, cls_token_id, pad_token_id
-        self.mlm_probability = mlm_probability
 
     def forward(  # type: ignore[override]
-        self, images: Tensor, text_ids: Tensor, text_mask: Tensor, generator: Optional[torch.Generator] = None
+        self, images: Tensor, input_ids: Tensor, attention_mask: Tensor, mlm_input_ids: Tensor, mlm_labels: Tensor,
+        itm_images: Tensor, itm_labels: Tensor, pixel_mask: Optional[Tensor] = None,
+        itm_pixel_mask: Optional[Tensor] = None,
     ) -> METERPretrainingOutput:
-        b = images.size(0)
-        device = images.device
-        text_states = self.encode_text(text_ids, text_mask)
-        image_states = self.encode_image(images, text_states[:, 0])
-
-        # MLM: masked caption against its own image.
-        masked = mask_tokens(text_ids, self.vocab_size, self.mask_token_id, self.pad_token_id,
-                             self.cls_token_id, self.mlm_probability, generator)
-        masked_states = self.encode_text(masked.input_ids, text_mask)
-        mlm_states = self.fuse(masked_states, text_mask, image_states).text_states
-        loss_mlm = masked_lm_loss(self.mlm_head(mlm_states), masked.labels)
-
-        # ITM: half the pairs get another image of the batch.
-        draw = generator.device if generator is not None else device
-        labels = torch.cat([torch.ones(b - b // 2), torch.zeros(b // 2)])
-        labels = labels[torch.randperm(b, generator=generator, device=draw).cpu()].long().to(device)
-        shift = torch.randint(1, max(b, 2), (b,), generator=generator, device=draw).to(device)
-        other = (torch.arange(b, device=device) + shift) % b
-        index = torch.where(labels.bool(), torch.arange(b, device=device), other)
-        pooled = self.fuse(text_states, text_mask, image_states[index]).pooled
-        itm_logits = self.itm_head(pooled)
-        loss_itm = F.cross_entropy(itm_logits.float(), labels)
-        return METERPretrainingOutput(loss_mlm + loss_itm, loss_mlm, loss_itm, itm_logits, labels)
+        mlm_states = self.infer(images, mlm_input_ids, attention_mask).text_states
+        mlm_logits = self.mlm_head(mlm_states)
+        mlm_loss = masked_lm_loss(mlm_logits, mlm_labels)
+        itm_logits = self.itm_head(self.infer(itm_images, input_ids, attention_mask).pooled)
+        itm_loss = F.cross_entropy(itm_logits.float(), itm_labels.view(-1))
+        return METERPretrainingOutput(mlm_loss + itm_loss, mlm_loss, itm_loss, mlm_logits, itm_logits)
 
 
 # ---- builders ---------------------------------------------------------------------------------
@@ -687,19 +682,13 @@ def meter_model_for_retrieval(preset: str = "base", *, itm_weight: float = 1.0, 
     return METERForRetrieval(vision, text, itm_weight=itm_weight, freeze_itm_head=freeze_itm_head, **fusion)
 
 
-def meter_model_for_pretraining(
-    preset: str = "base", *, mask_token_id: int = 50264, cls_token_id: int = 0, mlm_probability: float = 0.15,
-    **sizes: Any,
-) -> METERForPretraining:
-    """Builds METER for pre-training (:class:`METERForPretraining`, MLM + ITM). Token ids
-    default to RoBERTa's; size keywords as :func:`meter_model`."""
+def meter_model_for_pretraining(preset: str = "base", **sizes: Any) -> METERForPretraining:
+    """Builds METER for pre-training (:class:`METERForPretraining`, MLM + ITM). Size keywords as
+    :func:`meter_model`."""
     pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
     _check_sizes(sizes)
     vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout)
-    return METERForPretraining(
-        vision, text, mask_token_id=mask_token_id, cls_token_id=cls_token_id,
-        pad_token_id=ROBERTA_PAD_TOKEN_ID if pad is None else pad, mlm_probability=mlm_probability, **fusion,
-    )
+    return METERForPretraining(vision, text, **fusion)
 
 
 def _check_sizes(sizes: Dict[str, Any]) -> None:

@@ -4,7 +4,7 @@ cross-attention for each co-attention layer, eager attention, explicit additive 
 ViT as ``CLIPVisionModel`` with 11 layers and ``post_layernorm`` on every token), with the same
 weights (converted through our METER layout).
 
-Measures, in one run, round-robin so background load hits every configuration alike:
+Measures, in one run (rounds alternate ours / reference, one model in memory at a time):
 
 * **training step** (samples/s): forward, VQA soft-score BCE, backward, AdamW step;
 * **inference** (samples/s): forward only, ``torch.no_grad``;
@@ -16,18 +16,20 @@ Usage::
     python benchmarks/meter.py --device cpu --batch-size 4 --rounds 4
     python benchmarks/meter.py --device cuda --batch-size 32 --json meter.json
 
-The first ``--warmup`` rounds are untimed; throughput is ``batch / median time``.
+The first round runs ``--warmup`` untimed iterations of each configuration first; throughput is
+``batch / median time`` over the rounds.
 """
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import re
 import statistics
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Dict, List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
 from transformers.models.bert.modeling_bert import BertLayer
 
+from torchmm_ext.checkpoints import load_pretrained
 from torchmm_ext.checkpoints.meter import torchmm_ext_to_meter
 from torchmm_ext.models.meter import meter_model_for_vqa, vqa_soft_bce
 
@@ -156,78 +159,113 @@ def flops_by_part(model: nn.Module, batch: List[Tensor]) -> Dict[str, float]:
     return {k: v / 1e9 for k, v in parts.items()}
 
 
+def _print_flops(flops: Dict[str, float], batch_size: int) -> None:
+    print("\n| part | GFLOPs per sample (forward) | share |")
+    print("|---|---|---|")
+    for part, value in flops.items():
+        print(f"| {part} | {value / batch_size:.1f} | {100 * value / flops['total']:.1f}% |")
+
+
+def measure(model: nn.Module, batch: List[Tensor], precisions: List[str], device: torch.device,
+            warmup: int, steps: List[str]) -> Dict[str, float]:
+    """Seconds of one training step and one inference pass per precision (after ``warmup``
+    untimed iterations of each)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98)) if "train" in steps else None
+    out: Dict[str, float] = {}
+    for precision in precisions:
+        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+
+        def train() -> None:
+            model.train()
+            with ctx():
+                logits = model(*batch[:3])
+                loss = vqa_soft_bce(getattr(logits, "logits", logits), batch[3])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def infer() -> None:
+            model.eval()
+            with torch.no_grad(), ctx():
+                model(*batch[:3])
+
+        for step, fn in (("train", train), ("infer", infer)):
+            if step not in steps:
+                continue
+            for i in range(warmup + 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            out[f"{step} {precision}"] = time.perf_counter() - start
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=288)
     parser.add_argument("--text-length", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--json", default="")
+    parser.add_argument("--flops-only", action="store_true", help="only count FLOPs by part (no timing)")
+    parser.add_argument("--steps", default="train,infer", help="what to time: train, infer or both")
     args = parser.parse_args()
     device = torch.device(args.device)
+    precisions = args.precisions.split(",")
     torch.manual_seed(0)
-    ours = meter_model_for_vqa("base", image_size=args.image_size).to(device)
-    reference = HFMeterVQA(torchmm_ext_to_meter(ours.state_dict()), args.image_size).to(device)
+    if args.flops_only:
+        batch = inputs(args.batch_size, args.image_size, args.text_length, device)
+        flops = flops_by_part(meter_model_for_vqa("base", image_size=args.image_size).to(device).eval(), batch)
+        _print_flops(flops, args.batch_size)
+        return
+    # One model in memory at a time (a base METER with AdamW states is ~5 GB): the rounds
+    # alternate ours / reference, each rebuilt from the same METER-layout weights.
+    meter_state = torchmm_ext_to_meter(meter_model_for_vqa("base", image_size=args.image_size).state_dict())
     batch = inputs(args.batch_size, args.image_size, args.text_length, device)
-    ours.eval(), reference.eval()
-    with torch.no_grad():
-        diff = (ours(*batch[:3]).logits - reference(*batch[:3])).abs().max().item()
-    print(f"max |ours - reference| logits, fp32 eval: {diff:.2e}")
 
-    def loss_of(model: nn.Module, images: Tensor, ids: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
-        logits = model(images, ids, mask)
-        return vqa_soft_bce(getattr(logits, "logits", logits), targets)
+    def build(name: str) -> nn.Module:
+        if name == "reference":
+            return HFMeterVQA(meter_state, args.image_size).to(device)
+        model = meter_model_for_vqa("base", image_size=args.image_size)
+        load_pretrained(model, meter_state)
+        return model.to(device)
 
-    runs: Dict[str, Callable[[], None]] = {}
-    for precision in args.precisions.split(","):
-        ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
-        for name, model in (("ours", ours), ("reference", reference)):
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.98))
-
-            def train(model=model, optimizer=optimizer, ctx=ctx) -> None:
-                model.train()
-                with ctx():
-                    loss = loss_of(model, *batch)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            def infer(model=model, ctx=ctx) -> None:
-                model.eval()
-                with torch.no_grad(), ctx():
-                    model(*batch[:3])
-
-            runs[f"train {precision} {name}"] = train
-            runs[f"infer {precision} {name}"] = infer
-    times: Dict[str, List[float]] = {k: [] for k in runs}
-    for r in range(args.warmup + args.rounds):
-        for key, fn in runs.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= args.warmup:
-                times[key].append(time.perf_counter() - start)
+    times: Dict[str, List[float]] = {}
+    logits: Dict[str, Tensor] = {}
+    flops: Dict[str, float] = {}
+    for r in range(args.rounds):
+        for name in ("ours", "reference"):
+            model = build(name)
+            if r == 0:
+                with torch.no_grad():
+                    out = model.eval()(*batch[:3])
+                logits[name] = getattr(out, "logits", out).float().cpu()
+                if name == "ours":
+                    flops = flops_by_part(model, batch)
+            for key, seconds in measure(model, batch, precisions, device, args.warmup if r == 0 else 0,
+                                        args.steps.split(",")).items():
+                times.setdefault(f"{key} {name}", []).append(seconds)
+            del model
+            gc.collect()
+    diff = (logits["ours"] - logits["reference"]).abs().max().item()
     throughput = {k: args.batch_size / statistics.median(v) for k, v in times.items()}
-    flops = flops_by_part(ours.eval(), batch)
+    print(f"max |ours - reference| VQA logits, fp32 eval, same weights: {diff:.2e}")
     print(f"\nbatch {args.batch_size}, image {args.image_size} px, text {args.text_length} tokens, "
-          f"{args.rounds} timed rounds, device {device} ({platform.processor() or platform.machine()})")
+          f"{args.rounds} rounds, device {device} ({platform.processor() or platform.machine()}), "
+          f"{torch.get_num_threads()} threads")
     print("| step | precision | ours (samples/s) | reference (samples/s) | ours / reference |")
     print("|---|---|---|---|---|")
-    for key in runs:
-        step, precision, name = key.split()
-        if name == "ours":
-            ref = throughput[f"{step} {precision} reference"]
-            print(f"| {step} | {precision} | {throughput[key]:.2f} | {ref:.2f} | {throughput[key] / ref:.2f}x |")
-    print("\n| part | GFLOPs per sample (forward) | share |")
-    print("|---|---|---|")
-    for part, value in flops.items():
-        print(f"| {part} | {value / args.batch_size:.1f} | {100 * value / flops['total']:.1f}% |")
+    for step in args.steps.split(","):
+        for precision in precisions:
+            a, b = throughput[f"{step} {precision} ours"], throughput[f"{step} {precision} reference"]
+            print(f"| {step} | {precision} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+    _print_flops(flops, args.batch_size)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now().isoformat(), "args": vars(args), "times": times,

@@ -98,5 +98,5 @@ def test_nlvr_checkpoint_of_another_architecture_is_an_error(tmp_path: Path) -> 
 
     path = tmp_path / "albef.pth"
     torch.save({"model": albef_model_for_ve("tiny", distill=False).state_dict()}, path)
-    with pytest.raises(CheckpointArchitectureError, match=f"{path}.*checkpoint of ALBEF"):
+    with pytest.raises(CheckpointArchitectureError, match=f"{path}.*checkpoint of ALBEF, another architecture"):
         load_pretrained(meter_model_for_nlvr("tiny"), path)

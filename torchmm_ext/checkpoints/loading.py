@@ -138,8 +138,8 @@ def _check_family(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], l
     if ours and theirs and ours != theirs:
         origin = origin if isinstance(origin, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(
-            f"{origin} ({layout} layout) is a checkpoint of {theirs}; {type(model).__name__} is a model of "
-            f"{ours}: load a checkpoint of the same architecture"
+            f"{origin} ({layout} layout) is a checkpoint of {theirs}, another architecture than "
+            f"{type(model).__name__} ({ours}): load a checkpoint of the same architecture"
         )
 
 

@@ -17,6 +17,10 @@ KNOWN_LAYOUTS: Mapping[str, str] = {
     "torchmultimodal": "TorchMultimodal's ALBEF (albef_model.{vision,text,multimodal}_encoder.*)",
     "hf_bert": "Hugging Face BERT ([bert.]embeddings.*, encoder.layer.N.attention.self.query.*)",
     "timm_vit": "timm ViT / DeiT (cls_token, pos_embed, patch_embed.proj.*, blocks.N.attn.qkv.*)",
+    "meter": "zdou0830/METER (vit_model.visual.*, text_transformer.*, cross_modal_{text,image}_layers.*)",
+    "clip": "CLIP vision tower, OpenAI ([visual.]conv1.*, transformer.resblocks.*) or Hugging Face "
+            "([vision_model.]embeddings.patch_embedding.*)",
+    "roberta": "Hugging Face RoBERTa with its prefix (roberta.encoder.layer.N.*); a bare one reads as hf_bert",
     **VILT_LAYOUTS,
 }
 
@@ -45,6 +49,9 @@ _RULES: Tuple[Tuple[str, "re.Pattern[str]"], ...] = (
     ),
     ("hf_bert", re.compile(r"^(bert\.)?encoder\.layer\.\d+\.attention\.self\.query\.")),
     ("timm_vit", re.compile(r"^(blocks\.\d+\.attn\.qkv\.|patch_embed\.proj\.)")),
+    ("meter", re.compile(r"^(vit_model\.visual\.|cross_modal_(text|image)_layers\.\d+\.)")),
+    ("clip", re.compile(r"^(visual\.conv1\.|conv1\.weight$|(vision_model\.)?embeddings\.patch_embedding\.)")),
+    ("roberta", re.compile(r"^roberta\.encoder\.layer\.\d+\.attention\.self\.query\.")),
     ("vilt", re.compile(r"^transformer\.(blocks\.\d+\.attn\.qkv\.|pos_embed$|patch_embed\.proj\.)")),
     ("hf_vilt", re.compile(r"^(vilt\.)?(embeddings\.text_embeddings\.|encoder\.layer\.\d+\.layernorm_before\.)")),
     ("torchmm_ext_vilt", re.compile(r"^(vilt\.)?(image_embeddings\.patch_embeddings\.|modality_embeddings\.)")),

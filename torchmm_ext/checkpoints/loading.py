@@ -15,6 +15,7 @@ from torchmm_ext.checkpoints.convert import (
     torchmultimodal_conversion,
 )
 from torchmm_ext.checkpoints.layouts import detect_layout
+from torchmm_ext.checkpoints.meter import clip_vision_conversion, meter_conversion, roberta_conversion
 from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS, vilt_conversion
 from torchmm_ext.checkpoints.primitives import (
     group_keys,
@@ -108,6 +109,12 @@ def convert_to_torchmm_ext(
         return hf_bert_conversion(state_dict, fusion_layer)
     if layout == "timm_vit":
         return timm_vit_conversion(state_dict, image_size=image_size)
+    if layout == "meter":
+        return meter_conversion(state_dict, image_size=image_size)
+    if layout == "clip":
+        return clip_vision_conversion(state_dict, image_size=image_size)
+    if layout == "roberta":
+        return roberta_conversion(state_dict)
     if layout in VILT_LAYOUTS:
         return vilt_conversion(state_dict, layout=layout)
     raise ValueError(f"unknown layout {layout!r}")
@@ -115,6 +122,29 @@ def convert_to_torchmm_ext(
 
 def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+#: Top-level modules only one model family has: a checkpoint and a model that disagree on the
+#: family are different architectures, whatever the tensors' shapes.
+_FAMILY_MARKERS = {"ALBEF": ("fusion_encoder.",), "METER": ("text_fusion.", "image_fusion."), "ViLT": ("vilt.",)}
+
+
+def _family(keys: List[str]) -> Optional[str]:
+    for family, markers in _FAMILY_MARKERS.items():
+        if any(k.startswith(markers) for k in keys):
+            return family
+    return None
+
+
+def _check_family(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], layout: str,
+                  origin: object, model: nn.Module) -> None:
+    ours, theirs = _family(list(expected)), _family(list(state))
+    if ours and theirs and ours != theirs:
+        origin = origin if isinstance(origin, (str, Path)) else "the given state dict"
+        raise CheckpointArchitectureError(
+            f"{origin} ({layout} layout) is a checkpoint of {theirs}, another architecture than "
+            f"{type(model).__name__} ({ours}): load a checkpoint of the same architecture"
+        )
 
 
 def load_pretrained(
@@ -157,10 +187,13 @@ def load_pretrained(
     else:
         source = unwrap_state_dict(path_or_state_dict)
     layout = layout or detect_layout(source)
+    if layout == "hf_bert" and any(k.startswith("text_fusion.") for k in model.state_dict()):
+        layout = "roberta"  # a bare RoBERTa into METER: every layer is a text-encoder layer
     conversion = convert_to_torchmm_ext(source, layout=layout, image_size=image_size,
                                         fusion_layer=fusion_layer)
     state, notes = dict(conversion.state_dict), list(conversion.notes)
     expected = model.state_dict()
+    _check_family(state, expected, layout, path_or_state_dict, model)
     fill_momentum(state, notes, wanted=set(expected))
 
     # Position embeddings follow the model's patch grid, as ALBEF's loading does.
@@ -196,7 +229,7 @@ def load_pretrained(
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
-    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal", *VILT_LAYOUTS)
+    whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal", "meter", *VILT_LAYOUTS)
     if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(

@@ -4,9 +4,9 @@ A recipe builds its data, model, optimizer and step function, then calls :func:`
 implementation of resume/checkpoint/best-model logic serves every task.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -51,6 +51,9 @@ class TrainConfig:
         max_steps_per_epoch (Optional[int]): cut every epoch short (smoke tests).
         eval_every (int): evaluate on the validation split every this many epochs (and after
             the last one).
+        betas (List[float]): AdamW betas (ViLT and METER: 0.9, 0.98).
+        lr_mult (Dict[str, float]): ``{parameter-name fragment: lr factor}`` (ViLT/METER's
+            ``lr_mult_head`` and ``lr_mult_cross_modal``), see ``build_optimizer``.
     """
 
     epochs: int = 5
@@ -67,6 +70,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     max_steps_per_epoch: Optional[int] = None
     eval_every: int = 1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_mult: Dict[str, float] = field(default_factory=dict)
 
 
 def fit(
@@ -199,7 +204,8 @@ def train_and_reload_best(
     Returns:
         Optional[float]: the best validation metric (None without ``evaluate_fn``).
     """
-    optimizer = build_optimizer(train_model, train_cfg.lr, train_cfg.weight_decay)
+    optimizer = build_optimizer(train_model, train_cfg.lr, train_cfg.weight_decay, betas=tuple(train_cfg.betas),
+                                lr_mult=train_cfg.lr_mult)
     steps_per_epoch = steps_in_epoch(loader, train_cfg.max_steps_per_epoch)
     scheduler = build_cosine_scheduler(
         optimizer,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -64,8 +64,10 @@ def build_optimizer(
     eps: float = 1e-8,
     fused: Optional[bool] = None,
     no_decay_keywords: Sequence[str] = NO_DECAY_KEYWORDS,
+    lr_mult: Optional[Mapping[str, float]] = None,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters with a decay and a no-decay group.
+    """AdamW over the trainable parameters with a decay and a no-decay group (each split by
+    learning-rate multiplier when ``lr_mult`` is given).
 
     Args:
         model (nn.Module): the model.
@@ -76,6 +78,9 @@ def build_optimizer(
         fused (Optional[bool]): fused kernel; None uses it where supported (CPU and CUDA
             floating-point parameters), else the multi-tensor ``foreach`` path. Default: None.
         no_decay_keywords (Sequence[str]): see :func:`split_decay_params`.
+        lr_mult (Optional[Mapping[str, float]]): ``{name fragment: factor}``: a parameter whose
+            name contains a fragment trains at ``lr * factor`` (the first matching fragment
+            counts), as ViLT's and METER's ``lr_mult_head`` / ``lr_mult_cross_modal``.
 
     Returns:
         torch.optim.AdamW: groups are tagged with ``"name": "decay" | "no_decay"`` and
@@ -85,13 +90,18 @@ def build_optimizer(
         ValueError: when the model has no trainable parameter.
     """
     split = split_decay_params(model, no_decay_keywords)
-    groups = [
-        {"params": [p for _, p in named], "weight_decay": wd, "name": tag,
-         "param_names": [n for n, _ in named]}
-        for tag, named, wd in (("decay", split.decay, weight_decay),
-                               ("no_decay", split.no_decay, 0.0))
-        if named
-    ]
+    groups = []
+    for tag, named, wd in (("decay", split.decay, weight_decay), ("no_decay", split.no_decay, 0.0)):
+        by_factor: Dict[float, List[Tuple[str, nn.Parameter]]] = {}
+        for name, param in named:
+            factor = next((f for key, f in (lr_mult or {}).items() if key in name), 1.0)
+            by_factor.setdefault(factor, []).append((name, param))
+        for factor, members in by_factor.items():
+            group = {"params": [p for _, p in members], "weight_decay": wd, "name": tag,
+                     "param_names": [n for n, _ in members]}
+            if factor != 1.0:
+                group.update(lr=lr * factor, name=f"{tag}_lr_x{factor:g}")
+            groups.append(group)
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameter to optimise")
     all_params = [p for g in groups for p in g["params"]]

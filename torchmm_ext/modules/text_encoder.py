@@ -85,8 +85,14 @@ def albef_text_encoder(
     pad_token_id: int = 0,
     dropout: float = 0.1,
     layer_norm_eps: float = 1e-12,
+    type_vocab_size: int = 2,
+    offset_pos_ids: bool = False,
 ) -> BERTTextEncoder:
     """Builds ALBEF's text encoder: BERT embeddings and the first ``num_layers`` BERT layers.
+
+    With ``type_vocab_size=1``, ``offset_pos_ids=True`` and ``layer_norm_eps=1e-5`` it is a
+    RoBERTa encoder (METER's text side): position ids are ``pad_token_id + 1 +`` the count of
+    non-padding tokens so far, padding positions get ``pad_token_id``.
 
     Args:
         vocab_size (int): tokenizer vocabulary size.
@@ -97,7 +103,9 @@ def albef_text_encoder(
         max_position_embeddings (int): position table size.
         pad_token_id (int): padding id (its embedding row starts at zero).
         dropout (float): hidden dropout.
-        layer_norm_eps (float): LayerNorm epsilon (1e-12 in BERT).
+        layer_norm_eps (float): LayerNorm epsilon (1e-12 in BERT, 1e-5 in RoBERTa).
+        type_vocab_size (int): rows of the token-type table (2 in BERT, 1 in RoBERTa).
+        offset_pos_ids (bool): RoBERTa's position ids (see above) instead of ``0..L-1``.
 
     Returns:
         BERTTextEncoder: call it as ``encoder(input_ids, attention_mask=mask.bool())``; it returns
@@ -108,8 +116,10 @@ def albef_text_encoder(
         vocab_size=vocab_size,
         pad_token_id=pad_token_id,
         max_position_embeddings=max_position_embeddings,
+        type_vocab_size=type_vocab_size,
         layer_norm_eps=layer_norm_eps,
         dropout=dropout,
+        offset_pos_ids=offset_pos_ids,
     )
     encoder = SDPATransformerEncoder(
         n_layer=num_layers,

@@ -16,7 +16,7 @@ efficiency methods need:
   output (PELA's feature distillation).
 """
 
-from typing import List, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, List, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import nn, Tensor
@@ -65,8 +65,20 @@ class TokenReducer(Protocol):
     def __call__(self, tokens: Tensor, context: TokenReductionContext) -> Tensor: ...
 
 
+class QuickGELU(nn.Module):
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)`` (OpenAI CLIP's ``QuickGELU``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
 class VisionTransformer(nn.Module):
     """ViT encoder (CLS + patches, pre-norm blocks, final LayerNorm) with per-block seams.
+
+    The defaults build ALBEF's ViT (timm/DeiT). CLIP's visual tower (as METER uses it) is the
+    same encoder with ``activation=QuickGELU``, ``layer_norm_eps=1e-5``, ``patch_bias=False``
+    and ``pre_norm=True`` (CLIP's ``ln_pre`` after the embeddings); its ``ln_post`` is the final
+    norm, applied to every token.
 
     Args:
         image_size (int): input resolution (square).
@@ -78,6 +90,9 @@ class VisionTransformer(nn.Module):
         layer_norm_eps (float): LayerNorm epsilon (1e-6 in ViT/DeiT).
         dropout (float): dropout after the embeddings and inside blocks.
         drop_path_rate (float): stochastic-depth rate, increased linearly over the blocks.
+        activation (Callable[..., nn.Module]): MLP activation (``nn.GELU``; CLIP: ``QuickGELU``).
+        pre_norm (bool): LayerNorm on the embeddings before the first block (CLIP's ``ln_pre``).
+        patch_bias (bool): bias in the patch projection (CLIP has none).
 
     Inputs:
         images (Tensor): ``[B, 3, image_size, image_size]``.
@@ -100,6 +115,9 @@ class VisionTransformer(nn.Module):
         layer_norm_eps: float = 1e-6,
         dropout: float = 0.0,
         drop_path_rate: float = 0.0,
+        activation: Callable[..., nn.Module] = nn.GELU,
+        pre_norm: bool = False,
+        patch_bias: bool = True,
     ) -> None:
         super().__init__()
         self.image_size = image_size
@@ -111,14 +129,14 @@ class VisionTransformer(nn.Module):
             hidden_size=width,
             hidden_dropout_prob=dropout,
         )
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # CPU even under a meta device context
         self.blocks = nn.ModuleList(
             TransformerEncoderLayer(
                 d_model=width,
                 n_head=num_heads,
                 dim_feedforward=mlp_dim,
                 dropout=dropout,
-                activation=nn.GELU,
+                activation=activation,
                 layer_norm_eps=layer_norm_eps,
                 norm_first=True,
                 drop_path_rate=rate,
@@ -127,6 +145,14 @@ class VisionTransformer(nn.Module):
         )
         self.norm = Fp32LayerNorm(width, eps=layer_norm_eps)
         self.token_reducers = nn.ModuleDict()
+        if not patch_bias:
+            # PatchEmbeddings always makes a biased conv; CLIP's conv1 has no bias.
+            biased = self.embeddings.conv_projection
+            self.embeddings.conv_projection = nn.Conv2d(
+                biased.in_channels, width, kernel_size=patch_size, stride=patch_size, bias=False
+            )
+            self.embeddings.conv_projection.weight.data.copy_(biased.weight.data)
+        self.pre_norm = Fp32LayerNorm(width, eps=layer_norm_eps) if pre_norm else None
         self._init_weights()
 
     @property
@@ -180,6 +206,8 @@ class VisionTransformer(nn.Module):
         return_hidden_states: bool = False,
     ) -> VisionTransformerOutput:
         x = self.embeddings(images).embeddings  # [B, 1 + N, D]
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         hidden_states: List[Tensor] = [x] if return_hidden_states else []
         attention = None
         for i, block in enumerate(self.blocks):

@@ -51,6 +51,11 @@ class TrainConfig:
         max_steps_per_epoch (Optional[int]): cut every epoch short (smoke tests).
         eval_every (int): evaluate on the validation split every this many epochs (and after
             the last one).
+        deterministic (bool): bitwise reproducible training on one machine (fp32 and
+            deterministic algorithms, see
+            :func:`~torchmm_ext.engine.distributed.use_deterministic_training`): two runs, or a
+            run killed and resumed with ``--resume``, give identical weights and metrics.
+            ``precision: auto`` then means fp32; ``bf16`` is a config error.
     """
 
     epochs: int = 5
@@ -67,6 +72,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     max_steps_per_epoch: Optional[int] = None
     eval_every: int = 1
+    deterministic: bool = False
 
 
 def fit(

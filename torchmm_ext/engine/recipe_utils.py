@@ -16,8 +16,15 @@ from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretraine
 from torchmm_ext.checkpoints.primitives import group_keys, load_state_dict_file, PathLike, unwrap_state_dict
 from torchmm_ext.data.loader import build_eval_dataloader
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
-from torchmm_ext.engine.config import check_kwargs, config_to_dict, load_config, parse_args, save_config
-from torchmm_ext.engine.distributed import barrier, DistInfo, init_distributed, is_main_process, seed_everything
+from torchmm_ext.engine.config import check_kwargs, config_to_dict, ConfigError, load_config, parse_args, save_config
+from torchmm_ext.engine.distributed import (
+    barrier,
+    DistInfo,
+    init_distributed,
+    is_main_process,
+    seed_everything,
+    use_deterministic_training,
+)
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.metric_logging import get_logger
 from torchmm_ext.engine.precision import autocast_context
@@ -266,7 +273,8 @@ def start_recipe(
 ) -> RecipeStart:
     """The first steps of every recipe: parse the command line, load the config (unknown keys
     are errors), check ``cfg.model`` against the builder's keyword arguments and each enabled
-    efficiency-method section against its apply-function's, join the process
+    efficiency-method section against its apply-function's, switch to bitwise reproducible
+    fp32 training when ``train.deterministic`` is set, join the process
     group (torchrun or a single process), seed each rank, and save the resolved config to the
     output directory.
 
@@ -286,6 +294,12 @@ def start_recipe(
     from torchmm_ext.engine.efficiency import check_method_sections  # efficiency imports this module
 
     check_method_sections(cfg)
+    if getattr(cfg.train, "deterministic", False):
+        if cfg.train.precision == "bf16":
+            raise ConfigError("train.deterministic needs fp32 (bf16 kernels are not bitwise reproducible): "
+                              "set train.precision=fp32 or auto")
+        cfg.train.precision = "fp32"
+        use_deterministic_training()
     output_dir = Path(args.output_dir or cfg.output_dir)
     dist = init_distributed()
     seed_everything(cfg.train.seed, dist.rank)

@@ -21,13 +21,14 @@ import finetune_retrieval
 from testing_utils import cpu_only_env, shapes_world_opts, TINY_ENCODER_OPTS
 
 RECIPE = Path(finetune_retrieval.__file__)
-STEPS_PER_EPOCH, EPOCHS = 8, 2
+NUM_TRAIN_IMAGES, BATCH, EPOCHS = 16, 8, 2
+STEPS_PER_EPOCH = NUM_TRAIN_IMAGES * 5 // BATCH  # 5 captions per image
 
 
 def _opts(cache: Path) -> List[str]:
-    return [*shapes_world_opts(cache, num_train=64, num_eval=10), *TINY_ENCODER_OPTS,
+    return [*shapes_world_opts(cache, num_train=NUM_TRAIN_IMAGES, num_eval=10), *TINY_ENCODER_OPTS,
             "model.embed_dim=32", "model.queue_size=48", "loss.distill=true", "eval.k_test=4",
-            f"train.epochs={EPOCHS}", "train.batch_size=8", "train.checkpoint_every=3",
+            f"train.epochs={EPOCHS}", f"train.batch_size={BATCH}", "train.checkpoint_every=3",
             "train.deterministic=true", "train.log_every=1"]
 
 

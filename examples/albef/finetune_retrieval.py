@@ -42,7 +42,7 @@ from torchmm_ext.engine.recipe_utils import (
     ShapesWorldConfig,
     start_recipe,
 )
-from torchmm_ext.evaluation.retrieval import evaluate_retrieval, recall_metrics
+from torchmm_ext.evaluation.retrieval import evaluate_retrieval, NOT_RERANKED_SCORE, recall_metrics
 from torchmm_ext.models.albef import albef_model_for_retrieval
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "retrieval_shapes.yaml"
@@ -77,7 +77,7 @@ class EvalConfig:
     batch_size: int = 64
     k_test: int = 256
     itm_batch_size: int = 256
-    add_itc: bool = False  # LAVIS ranks by ITM + ITC; ALBEF by ITM alone
+    add_itc: bool = False  # rank by ITM + ITC (LAVIS) instead of the ITM logit alone (ALBEF)
 
 
 @dataclass
@@ -101,6 +101,13 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
     cfg.val_file, cfg.test_file = str(world.retrieval_val), str(world.retrieval_test)
     cfg.image_root = str(world.image_root)
     return world.vocab_corpus
+
+
+def add_similarity(itm_scores: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """LAVIS's ranking score: the ITC similarity added to every re-ranked ITM entry (entries
+    outside the top ``k_test`` keep ``NOT_RERANKED_SCORE``)."""
+    reranked = itm_scores > NOT_RERANKED_SCORE
+    return torch.where(reranked, itm_scores + sims, itm_scores)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
@@ -136,17 +143,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 
     def evaluate(split: str) -> Dict[str, float]:
+        """Recalls of the configured ranking, plus the ``r_mean`` of all three rankings from
+        the same ITM pass: ITC alone (``itc_r_mean``), the ITM logit alone (ALBEF,
+        ``itm_r_mean``) and ITM + ITC (LAVIS, ``itm_itc_r_mean``)."""
         dataset = eval_sets[split]
         loader = build_eval_dataloader(dataset, cfg.eval.batch_size, cfg.train.num_workers)
         scores = evaluate_retrieval(
             model, loader, dataset, tokenizer, device=dist.device, k_test=cfg.eval.k_test,
-            itm_batch_size=cfg.eval.itm_batch_size, max_length=data.max_tokens,
-            add_itc=cfg.eval.add_itc,
+            itm_batch_size=cfg.eval.itm_batch_size, max_length=data.max_tokens, add_itc=False,
             precision_ctx=lambda: autocast_context(dist.device, cfg.train.precision),
         )
-        metrics = recall_metrics(scores.scores_i2t, scores.scores_t2i, dataset.img2txt, dataset.txt2img)
-        itc = recall_metrics(scores.sims, scores.sims.T, dataset.img2txt, dataset.txt2img)
-        metrics["itc_r_mean"] = itc["r_mean"]
+        rankings = {
+            "itc": (scores.sims, scores.sims.T),
+            "itm": (scores.scores_i2t, scores.scores_t2i),
+            # LAVIS: the ITC similarity added to the re-ranked entries (the others stay -100).
+            "itm_itc": (add_similarity(scores.scores_i2t, scores.sims),
+                        add_similarity(scores.scores_t2i, scores.sims.T)),
+        }
+        recalls = {name: recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img)
+                   for name, (i2t, t2i) in rankings.items()}
+        metrics = dict(recalls["itm_itc" if cfg.eval.add_itc else "itm"])
+        metrics.update({f"{name}_r_mean": r["r_mean"] for name, r in recalls.items()})
         return metrics
 
     # --- train ---
@@ -171,7 +188,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     results = {split: evaluate(split) for split in eval_sets if not (split == "val" and best is not None)}
     save_results(results, output_dir, lambda split, m: (
         f"txt_r1 {m['txt_r1']:.2f}  txt_r5 {m['txt_r5']:.2f}  txt_r10 {m['txt_r10']:.2f}  "
-        f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  r_mean {m['r_mean']:.2f}"))
+        f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  r_mean {m['r_mean']:.2f}  "
+        f"(r_mean by ITC alone {m['itc_r_mean']:.2f}, ITM alone {m['itm_r_mean']:.2f}, ITM + ITC {m['itm_itc_r_mean']:.2f})"))
     cleanup()
     return results
 

@@ -500,6 +500,9 @@ _ALBEF_DIRECT = (
     *(f"{m}.{p}" for m in ("vision_proj", "text_proj", "itm_head", "vision_proj_m", "text_proj_m")
       for p in ("weight", "bias")),
 )
+# Task heads (SNLI-VE / NLVR2 ``cls_head`` and its momentum copy, NLVR2 text assignment's
+# ``ta_head``): the same module names and key names in ALBEF and here.
+_ALBEF_TASK_HEADS = ("cls_head.", "cls_head_m.", "ta_head.")
 _ALBEF_QUEUES = {
     "image_queue": "queue.image_queue",
     "text_queue": "queue.text_queue",
@@ -553,6 +556,10 @@ def albef_conversion(
             out[key] = src[key]
             used.add(key)
     _import_flat(src, _ALBEF_QUEUES, "", out, used)
+    for key in src:
+        if key.startswith(_ALBEF_TASK_HEADS):
+            out[key] = src[key]
+            used.add(key)
 
     notes: List[str] = []
     if fill_momentum_weights:
@@ -583,8 +590,8 @@ def albef_to_torchmm_ext(
     ``answer_decoder``) and NLVR2's 18-layer text encoder (layers from ``fusion_layer`` on ->
     ``fusion_encoder.layer.*`` in order). The momentum text encoder's fusion layers become
     ``fusion_encoder_m``. Momentum weights absent from the checkpoint (released fine-tuned files)
-    are copied from the online weights. Task heads (``cls_head``) keep ALBEF's names and are
-    left to :func:`~torchmm_ext.engine.recipe_utils.load_task_head`.
+    are copied from the online weights. Task heads (``cls_head``, ``cls_head_m``, ``ta_head``)
+    have the same names in both layouts and are taken as they are.
 
     Args:
         state_dict (Mapping[str, Tensor]): unwrapped ALBEF state dict.
@@ -655,12 +662,19 @@ def torchmm_ext_to_albef_conversion(state_dict: Mapping[str, Tensor], *, momentu
         if key in src:
             out[key] = src[key]
             used.add(key)
-    _import_flat(src, {d: s for s, d in _ALBEF_QUEUES.items()}, "", out, used)
-    for key in src:  # task heads (SNLI-VE / NLVR2 ``cls_head``) have ALBEF's names already
-        if key.startswith(("cls_head.", "cls_head_m.")):
+    pretraining = any(k.startswith("text_encoder.cls.") for k in out)
+    queues = {d: s for s, d in _ALBEF_QUEUES.items()}
+    if pretraining and "queue.idx_queue" in src:
+        # ALBEF's pre-training model (model_pretrain.py) has no image-id queue and loads its
+        # checkpoints strictly: the ids stay behind (listed as ignored).
+        del queues["queue.idx_queue"]
+        notes.append("queue.idx_queue: not exported (ALBEF's pre-training model keeps no image-id queue)")
+    _import_flat(src, queues, "", out, used)
+    for key in src:  # task heads have ALBEF's names already
+        if key.startswith(_ALBEF_TASK_HEADS):
             out[key] = src[key]
             used.add(key)
-    if any(k.startswith("text_encoder.cls.") for k in out):
+    if pretraining:
         # A model with an MLM head exports to ALBEF's pre-training layout (BertForMaskedLM).
         out = {re.sub(r"^(text_encoder(_m)?)\.(?!cls\.)", r"\1.bert.", k): v for k, v in out.items()}
     return Conversion(out, sorted(set(src) - used), notes)
@@ -672,8 +686,10 @@ def torchmm_ext_to_albef(state_dict: Mapping[str, Tensor]) -> StateDict:
     the ``bert.`` prefix, ``*_m`` copies, ``image_queue``/``text_queue``/``idx_queue``/``queue_ptr``).
 
     ``text_encoder(_m).embeddings.position_ids`` is written (ALBEF's BERT registers it), and the
-    momentum text encoder's fusion layers, which ALBEF has and we do not, are copies of the online
-    fusion layers.
+    momentum text encoder's fusion layers, which ALBEF's retrieval model has and ours does not,
+    are copies of the online fusion layers. A model with an MLM head (pre-training) goes to
+    ``models/model_pretrain.py``'s layout instead (``text_encoder.bert.*``, ``text_encoder.cls.*``,
+    no ``idx_queue``); task heads (``cls_head[_m]``, ``ta_head``) keep their names.
 
     Args:
         state_dict (Mapping[str, Tensor]): our model's ``state_dict()``.

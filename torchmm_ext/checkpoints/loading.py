@@ -147,6 +147,25 @@ def _check_family(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], l
         )
 
 
+def _dropped_momentum_notes(unexpected: List[str], expected: Mapping[str, Tensor], layout: str,
+                            model_name: str) -> List[str]:
+    """Explains each momentum module of the checkpoint that the model has no place for although
+    it has the online twin (ALBEF's retrieval, VE and NLVR2 files carry momentum fusion layers,
+    ``text_encoder_m`` layers from ``fusion_layer`` on, that our retrieval model never runs)."""
+    notes = []
+    for module, keys in group_keys(unexpected, depth=1).items():
+        online = module[:-2]
+        if not module.endswith("_m") or any(k.startswith(module + ".") for k in expected) \
+                or not any(k.startswith(online + ".") for k in expected):
+            continue
+        source = " (ALBEF: text_encoder_m's fusion layers)" if layout == "albef" and module == "fusion_encoder_m" else ""
+        export = (f"; an export to the ALBEF layout writes copies of the online {online} in their place"
+                  if module == "fusion_encoder_m" else "")
+        notes.append(f"{module}{source}: {len(keys)} tensors dropped: {model_name} keeps no momentum copy "
+                     f"of {online} (its training never runs one){export}")
+    return notes
+
+
 def load_pretrained(
     model: nn.Module,
     path_or_state_dict: Union[PathLike, Mapping[str, Tensor]],
@@ -225,6 +244,7 @@ def load_pretrained(
         )
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    notes.extend(_dropped_momentum_notes(unexpected, expected, layout, type(model).__name__))
     loaded = len(expected) - len(missing)
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,

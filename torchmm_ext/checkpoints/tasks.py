@@ -15,8 +15,11 @@ __all__ = ["dual_image_checkpoint", "init_answer_decoder"]
 
 def init_answer_decoder(model: nn.Module, source: str) -> Optional[List[str]]:
     """ALBEF's VQA decoder initialisation (``VQA.py``: decoder layers from fusion layers 6-11,
-    embeddings from the text encoder's, LM head from the pre-training MLM head) when the
-    weights the model started from, ``source``, have no answer decoder.
+    embeddings from the text encoder's, LM head from the pre-training MLM head; the momentum
+    decoder likewise from the momentum encoder and momentum MLM head) when the weights the model
+    started from, ``source``, have no answer decoder. Call it after the model has loaded
+    ``source`` (its momentum encoder then holds the file's momentum weights, or copies of the
+    online ones when the file has none).
 
     Args:
         model (nn.Module): an :class:`~torchmm_ext.models.albef.ALBEFForVQA`.
@@ -31,8 +34,9 @@ def init_answer_decoder(model: nn.Module, source: str) -> Optional[List[str]]:
     state = convert_to_torchmm_ext(load_state_dict_file(source)).state_dict
     if any(key.startswith("answer_decoder.") for key in state):
         return None
-    mlm_head = {k[len("mlm_head."):]: v for k, v in state.items() if k.startswith("mlm_head.")}
-    return model.init_answer_decoder_from_encoder(mlm_head or None)
+    heads = [{k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+             for prefix in ("mlm_head.", "mlm_head_m.")]
+    return model.init_answer_decoder_from_encoder(heads[0] or None, heads[1] or None)
 
 
 class _ConvertedStateDict(dict):

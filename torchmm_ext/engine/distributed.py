@@ -211,3 +211,23 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
+
+
+def use_deterministic_training() -> None:
+    """Make training bitwise reproducible on this machine: the same run twice, or a run killed
+    and resumed, gives the same tensors. Call it before the model is built and before any
+    matrix product (recipes do, through ``train.deterministic``); use fp32 with it (bf16 CPU
+    kernels are not bitwise reproducible).
+
+    Sets PyTorch's deterministic algorithms (an op without one raises instead of running),
+    disables cuDNN autotuning and TF32, pins cuBLAS's workspace, and asks MKL for the
+    conditional numerical reproducibility mode of this CPU (``MKL_CBWR=AUTO``: results stop
+    depending on the memory alignment of the operands), unless the environment already chose one.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("MKL_CBWR", "AUTO")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False

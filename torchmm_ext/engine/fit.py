@@ -54,6 +54,11 @@ class TrainConfig:
         betas (List[float]): AdamW betas (ViLT and METER: 0.9, 0.98).
         lr_mult (Dict[str, float]): ``{parameter-name fragment: lr factor}`` (ViLT/METER's
             ``lr_mult_head`` and ``lr_mult_cross_modal``), see ``build_optimizer``.
+        deterministic (bool): bitwise reproducible training on one machine (fp32 and
+            deterministic algorithms, see
+            :func:`~torchmm_ext.engine.distributed.use_deterministic_training`): two runs, or a
+            run killed and resumed with ``--resume``, give identical weights and metrics.
+            ``precision: auto`` then means fp32; ``bf16`` is a config error.
     """
 
     epochs: int = 5
@@ -72,6 +77,7 @@ class TrainConfig:
     eval_every: int = 1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_mult: Dict[str, float] = field(default_factory=dict)
+    deterministic: bool = False
 
 
 def fit(

@@ -7,16 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
+import torch
 from torch import nn, Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 
 from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretrained, LoadReport
-from torchmm_ext.checkpoints.primitives import load_state_dict_file, PathLike, unwrap_state_dict
+from torchmm_ext.checkpoints.primitives import group_keys, load_state_dict_file, PathLike, unwrap_state_dict
 from torchmm_ext.data.loader import build_eval_dataloader
 from torchmm_ext.data.shapes_world import cached_shapes_world, ShapesWorld
-from torchmm_ext.engine.config import check_kwargs, config_to_dict, load_config, parse_args, save_config
-from torchmm_ext.engine.distributed import barrier, DistInfo, init_distributed, is_main_process, seed_everything
+from torchmm_ext.engine.config import check_kwargs, config_to_dict, ConfigError, load_config, parse_args, save_config
+from torchmm_ext.engine.distributed import (
+    barrier,
+    DistInfo,
+    init_distributed,
+    is_main_process,
+    seed_everything,
+    use_deterministic_training,
+)
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.metric_logging import get_logger
 from torchmm_ext.engine.precision import autocast_context
@@ -103,12 +111,10 @@ def load_task_head(
     report: LoadReport,
     prefixes: Sequence[str],
 ) -> List[str]:
-    """Loads the task-head tensors of an original-ALBEF checkpoint that the layout conversion
-    ignored (the ``albef`` conversion knows the encoders and retrieval heads only).
-
-    A task head such as SNLI-VE's ``cls_head`` (``nn.Sequential(Linear, ReLU, Linear)``) has the
-    same keys in ALBEF and here, so a released fine-tuned checkpoint then evaluates with its
-    own head instead of a random one. Call it right after :func:`load_pretrained`.
+    """Loads task-head tensors that a layout conversion ignored (the ``albef`` and
+    ``torchmm_ext`` conversions take ``cls_head[_m]`` / ``ta_head`` themselves; this covers
+    layouts that do not), so that a fine-tuned checkpoint evaluates with its own head instead
+    of a random one. Call it right after :func:`load_pretrained`.
 
     Args:
         model (nn.Module): the model :func:`load_pretrained` loaded into.
@@ -151,13 +157,15 @@ def initialize_weights(
 
     In order: ``init.vision`` / ``init.text`` (ALBEF's DeiT + BERT initialisation, after which
     momentum copies take the online weights), then ``checkpoint`` in any layout
-    :func:`~torchmm_ext.checkpoints.load_pretrained` knows, then the task-head tensors of an
-    original-ALBEF checkpoint under ``head_prefixes`` (:func:`load_task_head`). Momentum modules
-    the checkpoint lacks restart from the loaded online weights (a pre-training or retrieval
-    checkpoint has no momentum fusion encoder or task head, for example).
+    :func:`~torchmm_ext.checkpoints.load_pretrained` knows (which converts task heads with the
+    rest), then any task-head tensors under ``head_prefixes`` that a layout conversion left out
+    (:func:`load_task_head`). Momentum tensors the checkpoint lacks, and only those, restart
+    from their loaded online twins (:func:`reset_missing_momentum`; a pre-training checkpoint
+    has no ``cls_head_m``, for example), so a fine-tuned file's momentum weights are kept.
 
     Args:
-        model (nn.Module): the model; momentum handling needs ``copy_params_to_momentum``.
+        model (nn.Module): the model (``copy_params_to_momentum`` is called after ``init.vision``
+            / ``init.text``).
         init (InitConfig): the ``init:`` config section.
         checkpoint (Optional[str]): ``--checkpoint`` of the recipe.
         head_prefixes (Sequence[str]): task-head key prefixes, e.g. ``("cls_head.", "cls_head_m.")``.
@@ -174,16 +182,41 @@ def initialize_weights(
         return
     report = load_pretrained(model, checkpoint)
     log(f"loaded {checkpoint}:\n{report.format()}")
+    head: List[str] = []
     if head_prefixes:
         head = load_task_head(model, checkpoint, report, head_prefixes)
         if head:
             log(f"task head taken from {checkpoint}: {', '.join(head)}")
-    if copy_params is not None:
-        missing = {key.split(".")[0] for keys in report.missing.values() for key in keys}
-        momentum = {name for name, _ in model.named_children() if name.endswith("_m")}
-        reset = copy_params(only=sorted(missing & momentum))
-        if reset:
-            log(f"momentum copies reset from the online weights: {', '.join(reset)}")
+    lacking = [key for keys in report.missing.values() for key in keys if key not in head]
+    reset = reset_missing_momentum(model, lacking)
+    if reset:
+        log(f"momentum tensors the checkpoint lacks, copied from their online twins: "
+            + ", ".join(f"{group} ({len(keys)})" for group, keys in group_keys(reset).items()))
+
+
+@torch.no_grad()
+def reset_missing_momentum(model: nn.Module, missing: Iterable[str]) -> List[str]:
+    """ALBEF's ``copy_params`` for exactly the momentum tensors a checkpoint did not fill:
+    each missing ``<module>_m.<rest>`` key of ``model`` takes the value of ``<module>.<rest>``.
+    Momentum tensors the checkpoint had (e.g. a fine-tuned file's ``cls_head_m``) are kept.
+
+    Args:
+        model (nn.Module): the model the checkpoint was loaded into.
+        missing (Iterable[str]): the model keys the checkpoint did not fill.
+
+    Returns:
+        List[str]: the momentum keys copied.
+    """
+    model = getattr(model, "module", model)
+    state = model.state_dict()
+    done = []
+    for key in missing:
+        module, _, rest = key.partition(".")
+        online = f"{module[:-2]}.{rest}"
+        if module.endswith("_m") and key in state and online in state and state[online].shape == state[key].shape:
+            state[key].copy_(state[online])
+            done.append(key)
+    return done
 
 
 def ramped_alpha(alpha: float, warmup: bool, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -240,7 +273,8 @@ def start_recipe(
 ) -> RecipeStart:
     """The first steps of every recipe: parse the command line, load the config (unknown keys
     are errors), check ``cfg.model`` against the builder's keyword arguments and each enabled
-    efficiency-method section against its apply-function's, join the process
+    efficiency-method section against its apply-function's, switch to bitwise reproducible
+    fp32 training when ``train.deterministic`` is set, join the process
     group (torchrun or a single process), seed each rank, and save the resolved config to the
     output directory.
 
@@ -260,6 +294,12 @@ def start_recipe(
     from torchmm_ext.engine.efficiency import check_method_sections  # efficiency imports this module
 
     check_method_sections(cfg)
+    if getattr(cfg.train, "deterministic", False):
+        if cfg.train.precision == "bf16":
+            raise ConfigError("train.deterministic needs fp32 (bf16 kernels are not bitwise reproducible): "
+                              "set train.precision=fp32 or auto")
+        cfg.train.precision = "fp32"
+        use_deterministic_training()
     output_dir = Path(args.output_dir or cfg.output_dir)
     dist = init_distributed()
     seed_everything(cfg.train.seed, dist.rank)

@@ -1,13 +1,14 @@
 """ALBEF for visual question answering (VQA v2): an answer decoder on top of the fused question.
 
-What differs from ALBEF's ``model_vqa.py``, on purpose:
+What differs from ALBEF's ``model_vqa.py``, on purpose: the fused question states are computed
+once per question; each candidate answer reads them through ``question_index`` (the
+cross-attention projects each question's keys/values once and gathers them per answer) instead
+of stacking one copy per answer (``tile``).
 
-* the fused question states are computed once per question; each candidate answer reads them
-  through ``question_index`` (the cross-attention projects each question's keys/values once
-  and gathers them per answer) instead of stacking one copy per answer (``tile``);
-* ALBEF's released ``model_vqa.py`` computes the momentum soft labels but does not pass
-  ``alpha`` to the decoder, whose default 0 then drops the soft term; here the loss is
-  ``(1 - alpha) * NLL + alpha * soft`` as the paper describes.
+The loss is that of the current ALBEF ``model_vqa.py``: ``(1 - alpha) * NLL + alpha * soft``
+per answer, the soft term against the momentum decoder's token distributions. (The first
+release did not pass ``alpha`` to its decoder, which dropped the soft term; upstream fixed
+that in July 2022, commit fb38420.)
 """
 
 import copy
@@ -127,6 +128,36 @@ def answer_sequence_nll(logits: Tensor, answer_ids: Tensor, answer_mask: Tensor)
     return nll.view(labels.shape).sum(dim=1)
 
 
+@torch.no_grad()
+def _init_decoder_from_encoder(
+    decoder: ALBEFAnswerDecoder,
+    text_encoder: nn.Module,
+    fusion_encoder: nn.Module,
+    mlm_head_state: Optional[Mapping[str, Tensor]],
+) -> List[str]:
+    """One decoder <- one encoder (see :meth:`ALBEFForVQA.init_answer_decoder_from_encoder`)."""
+    done = []
+    decoder.embeddings.load_state_dict(text_encoder.embeddings.state_dict())
+    done.append("embeddings")
+    for i, (target, source) in enumerate(zip(decoder.layers.layer, fusion_encoder.layer)):
+        state = source.state_dict()
+        wanted = target.state_dict()
+        fresh = sorted(k for k in state if state[k].shape != wanted[k].shape)
+        target.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+        done.append(f"layers.layer.{i}" + (f" (fresh {', '.join(fresh)})" if fresh else ""))
+    if mlm_head_state is not None:
+        head = {k: v for k, v in mlm_head_state.items() if k != "decoder.weight"}
+        for a, b in (("bias", "decoder.bias"), ("decoder.bias", "bias")):  # one tied tensor
+            if a in head and b not in head:
+                head[b] = head[a]
+        missing, unexpected = decoder.lm_head.load_state_dict(head, strict=False)
+        if unexpected or set(missing) - {"decoder.weight"}:
+            raise ValueError(f"mlm_head_state does not fit the LM head: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+        done.append("lm_head")
+    return done
+
+
 class ALBEFVQAOutput(NamedTuple):
     """Attributes:
     loss (Tensor): ``sum_i weight_i * loss_i / batch_size`` over the batch's answers ``i``, with
@@ -205,12 +236,20 @@ class ALBEFForVQA(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
 
 
     @torch.no_grad()
-    def init_answer_decoder_from_encoder(self, mlm_head_state: Optional[Mapping[str, Tensor]] = None) -> List[str]:
-        """ALBEF's decoder initialisation for fine-tuning from a pre-trained checkpoint: decoder
-        embeddings <- text-encoder embeddings, decoder layer ``i`` <- fusion layer ``i`` (BERT
-        layers 6-11 -> decoder layers 0-5), LM head <- the pre-training MLM head when given.
-        Momentum copies of the decoder follow. The recipe calls it when the loaded checkpoint
-        has no answer-decoder weights.
+    def init_answer_decoder_from_encoder(
+        self,
+        mlm_head_state: Optional[Mapping[str, Tensor]] = None,
+        mlm_head_m_state: Optional[Mapping[str, Tensor]] = None,
+    ) -> List[str]:
+        """ALBEF's decoder initialisation for fine-tuning from a pre-trained checkpoint
+        (``VQA.py``): decoder embeddings <- text-encoder embeddings, decoder layer ``i`` <- fusion
+        layer ``i`` (BERT layers 6-11 -> decoder layers 0-5), LM head <- the pre-training MLM head
+        when given. With ``distill``, the momentum decoder is built the same way from the
+        *momentum* encoder (``text_encoder_m`` embeddings, ``fusion_encoder_m`` layers, the
+        momentum MLM head), as ALBEF's ``VQA.py`` maps ``text_encoder_m.*`` to
+        ``text_decoder_m.*``; a checkpoint without momentum weights has left the momentum encoder
+        equal to the online one, which then gives the same decoder twice. The recipe calls it
+        after loading a checkpoint that has no answer-decoder weights.
 
         A fusion layer's cross-attention keys/values read image tokens; they are copied only
         when the image width equals the text width (as in ALBEF, 768 both), and stay fresh
@@ -221,33 +260,21 @@ class ALBEFForVQA(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
                 ``MaskedPredictionHead`` (the pre-training model's ``mlm_head``: ``dense.*``,
                 ``layer_norm.*``, ``bias``, ``decoder.weight``...); its ``decoder.weight`` is
                 the tied word-embedding matrix and is not read (the embeddings are copied).
+            mlm_head_m_state (Optional[Mapping[str, Tensor]]): the momentum MLM head
+                (``mlm_head_m``) for the momentum decoder; ``mlm_head_state`` when None.
 
         Returns:
             List[str]: the decoder modules initialised, e.g. ``["embeddings", "layers.layer.0",
-            ..., "lm_head"]`` (a cross-attention left fresh is named with a ``(fresh ...)`` note).
+            ..., "lm_head"]`` (a cross-attention left fresh is named with a ``(fresh ...)`` note),
+            then the momentum decoder's with an ``answer_decoder_m.`` prefix.
         """
-        decoder = self.answer_decoder
-        done = []
-        decoder.embeddings.load_state_dict(self.text_encoder.embeddings.state_dict())
-        done.append("embeddings")
-        for i, (target, source) in enumerate(zip(decoder.layers.layer, self.fusion_encoder.layer)):
-            state = source.state_dict()
-            wanted = target.state_dict()
-            fresh = sorted(k for k in state if state[k].shape != wanted[k].shape)
-            target.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
-            done.append(f"layers.layer.{i}" + (f" (fresh {', '.join(fresh)})" if fresh else ""))
-        if mlm_head_state is not None:
-            head = {k: v for k, v in mlm_head_state.items() if k != "decoder.weight"}
-            for a, b in (("bias", "decoder.bias"), ("decoder.bias", "bias")):  # one tied tensor
-                if a in head and b not in head:
-                    head[b] = head[a]
-            missing, unexpected = decoder.lm_head.load_state_dict(head, strict=False)
-            if unexpected or set(missing) - {"decoder.weight"}:
-                raise ValueError(f"mlm_head_state does not fit the LM head: missing {sorted(missing)}, "
-                                 f"unexpected {sorted(unexpected)}")
-            done.append("lm_head")
+        done = _init_decoder_from_encoder(self.answer_decoder, self.text_encoder, self.fusion_encoder,
+                                          mlm_head_state)
         if self.distill:
-            self.copy_params_to_momentum(only=["answer_decoder_m"])
+            head_m = mlm_head_m_state if mlm_head_m_state is not None else mlm_head_state
+            done_m = _init_decoder_from_encoder(self.answer_decoder_m, self.text_encoder_m,
+                                                self.fusion_encoder_m, head_m)
+            done += [f"answer_decoder_m.{name}" for name in done_m]
         return done
 
     @staticmethod

@@ -180,3 +180,17 @@ def test_search_settings_are_checked():
     apply_das(model, search={"skip_num": 1}, adapter_dim=2)
     with pytest.raises(ValueError, match="held-out batches, but data.val_file .* is empty"):
         model.das_search.make_step_hook([], None, 2, "data.val_file ('val.json')")
+
+
+def test_recipes_without_held_out_data_are_told_so():
+    from torchmm_ext.engine import ConfigError
+    from torchmm_ext.engine.efficiency import method_step_hooks
+
+    model = PlantedModel()
+    assert method_step_hooks(model, lambda: 1 / 0, None, 2, "val") == []  # no method needs data: not built
+    apply_das(model, search={"skip_num": 1}, adapter_dim=2)
+    with pytest.raises(ConfigError, match=r"das needs held-out batches during training, but the recipe has no "
+                                          r"validation split \(data.val_file\)"):
+        method_step_hooks(model, lambda: None, None, 2, "data.val_file")
+    with pytest.raises(ValueError, match=r"held-out batches, but data.val_file \('v.json'\) is empty"):
+        method_step_hooks(model, lambda: [], None, 2, "data.val_file ('v.json')")

@@ -58,6 +58,8 @@ class DASSearchConfig:
         reuse_batch (bool): score every round on the same validation batch, as the published
             code does in effect (default: a fresh batch each round).
         output (Optional[str]): a ``skip.json`` to (re)write at every epoch end.
+        epochs (Optional[int]): training epochs of a search run (``examples/das/search.py`` sets
+            ``train.epochs`` to it; published: 3, the first a warm-up).
     """
 
     skip_num: int = 1
@@ -69,6 +71,7 @@ class DASSearchConfig:
     seed: int = 0
     reuse_batch: bool = False
     output: Optional[str] = None
+    epochs: Optional[int] = None
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> "DASSearchConfig":

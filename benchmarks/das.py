@@ -32,23 +32,30 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from torchmm_ext.models.albef import albef_model_for_retrieval
+from torchmm_ext.models.albef import albef_model_for_retrieval, albef_model_for_vqa
 from torchmm_ext.modules.adapters import apply_das
 
 
-def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                   answers: Any = None, k_test: int = 0) -> torch.Tensor:
+    if answers is not None:  # VQA: rank the answer list
+        return model.rank_answers(image, ids, mask, answers[0], answers[1], k_test)[1]
     image_emb = model.encode_image(image).embeddings
     text_emb = model.encode_text(ids, mask).embeddings
     fused = model.fusion_encoder(text_emb, mask, image_emb, cls_only=True).last_hidden_state
     return model.itm_head(fused[:, 0])
 
 
-def build(skip: Dict[str, List[int]], das: bool, image_size: int, device: torch.device):
+def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
-    model = albef_model_for_retrieval("base", image_size=image_size, queue_size=0)
+    sizes = {"image_size": args.image_size} | ({"patch_size": args.patch_size} if args.patch_size else {})
+    if args.task == "vqa":
+        model = albef_model_for_vqa(args.preset, distill=False, **sizes)
+    else:
+        model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if das:
-        trainable = apply_das(model, skip=skip, groups=["vision", "text", "fusion"]).trainable_params
+        trainable = apply_das(model, skip=skip).trainable_params
     return model.to(device).eval(), trainable
 
 
@@ -64,17 +71,35 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json")
+    parser.add_argument("--preset", default="base", choices=["base", "tiny"])
+    parser.add_argument("--task", default="itm", choices=["itm", "vqa"],
+                        help="itm: encoders + fusion + ITM head; vqa: answer ranking (decoder included)")
+    parser.add_argument("--answers", type=int, default=3128, help="VQA answer-list size")
+    parser.add_argument("--k-test", type=int, default=128, help="VQA answers re-scored per question")
+    parser.add_argument("--patch-size", type=int)
+    parser.add_argument("--config", action="append", default=[], metavar="NAME=SKIP",
+                        help="measure these skip lists (JSON {group: [indices]}) instead of the k sweep")
     args = parser.parse_args()
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
-    ids = torch.randint(1000, 30522, (args.batch_size, args.text_length), generator=gen).to(device)
+    vocab = (1000, 30522) if args.preset == "base" else (5, 512)
+    ids = torch.randint(*vocab, (args.batch_size, args.text_length), generator=gen).to(device)
     mask = torch.ones_like(ids)
+    answers = None
+    if args.task == "vqa":
+        answer_ids = torch.randint(*vocab, (args.answers, 5), generator=gen)
+        answers = (answer_ids.to(device), torch.ones_like(answer_ids).to(device))
 
     configs: Dict[str, Dict[str, Any]] = {"plain ALBEF": dict(skip={}, das=False), "DAS k=0": dict(skip={}, das=True)}
-    sizes = {"vision": 12, "text": 6, "fusion": 6}
-    for group in args.groups:
-        for k in range(1, args.max_k + 1):
+    sizes = {"vision": 12, "text": 6, "fusion": 6} if args.preset == "base" else {"vision": 4, "text": 2, "fusion": 2}
+    if args.task == "vqa":
+        sizes["decoder"] = 6 if args.preset == "base" else 2
+    for item in args.config:
+        name, _, spec = item.partition("=")
+        configs[name] = dict(skip=json.loads(spec), das=True)
+    for group in [] if args.config else args.groups:
+        for k in range(1, min(args.max_k, sizes[group]) + 1):
             configs[f"DAS k={k} {group}"] = dict(skip={group: list(range(sizes[group] - k, sizes[group]))}, das=True)
 
     sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -83,9 +108,9 @@ def main() -> None:
     rows: Dict[str, Dict[str, Any]] = {}
     models = {}
     for name, cfg in configs.items():
-        model, trainable = build(cfg["skip"], cfg["das"], args.image_size, device)
+        model, trainable = build(cfg["skip"], cfg["das"], args, device)
         with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast():
-            inference_pass(model, image, ids, mask)
+            inference_pass(model, image, ids, mask, answers, args.k_test)
         rows[name] = {"skip": cfg["skip"], "trainable": trainable, "flops": counter.get_total_flops(), "times": []}
         models[name] = model
     for r in range(args.warmup + args.rounds):
@@ -93,14 +118,14 @@ def main() -> None:
             sync()
             start = time.perf_counter()
             with torch.no_grad(), autocast():
-                inference_pass(model, image, ids, mask)
+                inference_pass(model, image, ids, mask, answers, args.k_test)
             sync()
             if r >= args.warmup:
                 rows[name]["times"].append(time.perf_counter() - start)
 
     ref = rows["DAS k=0"]
     ref_time = statistics.median(ref["times"])
-    print(f"# DAS benchmark: ALBEF base, image {args.image_size}, batch {args.batch_size}, text {args.text_length} "
+    print(f"# DAS benchmark ({args.task}): ALBEF {args.preset}, image {args.image_size}, batch {args.batch_size}, text {args.text_length} "
           f"tokens, {args.precision}, {device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     print("| configuration | trainable params | GFLOPs | FLOPs vs k=0 | latency (ms) | latency vs k=0 | "
           "latency ratio / FLOP ratio |")

@@ -12,7 +12,7 @@ gates, the gate and reward histories; ``das.skip_from`` of the fine-tuning reads
     python examples/das/finetune_vqa.py --config examples/das/configs/albef_vqa_shapes.yaml
 
 The task (``vqa``, ``nlvr``, ``retrieval``) comes from ``--task`` or the config's file name
-(``albef_<task>_*.yaml``); the output directory from ``--output-dir`` or the config's
+(``albef_<task>[2]_*.yaml``); the output directory from ``--output-dir`` or the config's
 ``output_dir`` + ``_search``. ``--opts`` overrides config keys as in every recipe.
 """
 
@@ -36,9 +36,10 @@ CONFIG_CLASSES = {"vqa": "VQAConfig", "nlvr": "NLVRConfig", "retrieval": "Retrie
 def task_of(config: Path, task: Optional[str]) -> str:
     if task:
         return task
+    parts = config.stem.split("_")
     for name in TASK_RECIPES:
-        if f"_{name}_" in f"_{config.stem}_":
-            return name
+        if any(part == name or part.startswith(name) and part[len(name):].isdigit() for part in parts):
+            return name  # albef_vqa_shapes, albef_nlvr2, albef_retrieval_flickr
     raise ConfigError(f"cannot tell the task from {config.name}; pass --task {{{','.join(TASK_RECIPES)}}}")
 
 

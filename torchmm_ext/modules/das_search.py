@@ -130,17 +130,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _volatile_tensors(model: nn.Module) -> List[Tensor]:
     """What a forward pass may change besides activations: buffers (ALBEF's queues) and the
-    momentum (``*_m``) copies of trainable parameters (EMA updates; frozen ones lerp to
-    themselves)."""
+    momentum (``*_m``) copies, which ALBEF's retrieval forward EMA-updates even in eval mode
+    (frozen online weights do not make them constant: published momentum weights differ)."""
     model = _unwrap(model)
-    params = dict(model.named_parameters())
     volatile = [b for n, b in model.named_buffers() if not n.startswith("das_search.")]
-    for name, p in params.items():
-        head, _, rest = name.partition(".")
-        if head.endswith("_m"):
-            online = params.get(f"{head[:-2]}.{rest}" if rest else head[:-2])
-            if online is not None and online.requires_grad:
-                volatile.append(p)
+    volatile += [p for n, p in model.named_parameters() if n.partition(".")[0].endswith("_m")]
     return volatile
 
 

@@ -194,3 +194,29 @@ def test_recipes_without_held_out_data_are_told_so():
         method_step_hooks(model, lambda: None, None, 2, "data.val_file")
     with pytest.raises(ValueError, match=r"held-out batches, but data.val_file \('v.json'\) is empty"):
         method_step_hooks(model, lambda: [], None, 2, "data.val_file ('v.json')")
+
+
+def test_scoring_albef_retrieval_leaves_its_momentum_copies_and_queue_as_they_were():
+    from torchmm_ext.models.albef import albef_model_for_retrieval
+
+    torch.manual_seed(0)
+    model = albef_model_for_retrieval(image_size=32, patch_size=16, vision_width=32, vision_depth=2, vision_heads=2,
+                                      vision_mlp_dim=64, text_width=32, text_layers=1, fusion_layers=1, text_heads=2,
+                                      text_ffn_dim=64, vocab_size=40, embed_dim=16, queue_size=8)
+    with torch.no_grad():  # published momentum weights differ from the online ones
+        for p in model.vision_encoder_m.parameters():
+            p.add_(0.05)
+    apply_das(model, search={"skip_num": 1, "das_step": 2}, adapter_dim=4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(5, 40, (4, 6))
+    run = lambda b: model(b[0], b[1], torch.ones_like(b[1]), torch.arange(4), 0.4)  # noqa: E731
+    losses = model.das_search.score(model, run, (images, ids), [[0], [3]])
+    assert len(losses) == 2 and losses[0] != losses[1]
+    after = model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []
+    # the same pass outside the search does change them (so the check above can fail)
+    run((images, ids))
+    assert not torch.equal(model.queue.image_queue, before["queue.image_queue"])
+    assert not torch.equal(model.vision_encoder_m.blocks[0].block.attention.input_proj.weight,
+                           before["vision_encoder_m.blocks.0.block.attention.input_proj.weight"])

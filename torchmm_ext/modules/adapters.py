@@ -53,14 +53,16 @@ SkipSpec = Union[None, Mapping[str, Sequence[int]], Sequence[int]]
 #: Parameters (besides adapters) that train under DAS: a parameter trains when every name it
 #: has matches one of these shell patterns in one of its dotted components, and it trained
 #: before (momentum copies, which are EMA-updated, never do). The published list is
-#: ``classifier, pooler, token_type_embeddings, rank_output, adapter``; ALBEF's heads are
-#: ``itm_head``, ``cls_head``, the answer decoder's ``lm_head`` and the ITC projections and
-#: temperature.
+#: ``classifier, pooler, token_type_embeddings, rank_output, adapter`` (ViLT's and METER's
+#: modality embedding is their ``token_type_embeddings``; ours is ``modality_embeddings``);
+#: ALBEF's heads are ``itm_head``, ``cls_head``, the answer decoder's ``lm_head`` and the ITC
+#: projections and temperature.
 DEFAULT_TRAINABLE: Tuple[str, ...] = (
     "*head",
     "*pooler*",
     "*classifier*",
     "token_type_embeddings",
+    "modality_embeddings",
     "rank_output",
     "vision_proj",
     "text_proj",

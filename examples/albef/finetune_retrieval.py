@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalTrainDataset
+from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalPairs, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.transforms import albef_test_transform, albef_train_transform
@@ -32,7 +32,7 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
+from torchmm_ext.engine.efficiency import method_step_hooks, MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
     ramped_alpha,
@@ -173,6 +173,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         out = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["idx"], alpha)
         return StepOutput(out.loss, {"loss_itc": out.loss_itc, "loss_itm": out.loss_itm})
 
+    # methods acting during training (the DAS search) score held-out batches of the val split
+    step_hooks = method_step_hooks(
+        model, lambda: RetrievalPairs(eval_sets["val"]) if "val" in eval_sets else None,
+        RetrievalCollator(tokenizer, data.max_tokens), cfg.train.batch_size, f"data.val_file ({data.val_file!r})",
+    )
     best = None
     if not args.evaluate:
         best = train_and_reload_best(
@@ -180,7 +185,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
             config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
-            best_metric_key="r_mean", resume=args.resume,
+            best_metric_key="r_mean", resume=args.resume, step_hooks=step_hooks,
         )
 
     # --- evaluate ---

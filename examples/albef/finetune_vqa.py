@@ -38,7 +38,7 @@ from torchmm_ext.engine import (
     StepOutput,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
+from torchmm_ext.engine.efficiency import method_step_hooks, MethodsConfig, prepare_model
 from torchmm_ext.engine.recipe_utils import (
     InitConfig,
     ramped_alpha,
@@ -145,10 +145,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     # --- model ---
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
-    prepare_model(model, cfg, checkpoint, log=logger.info)
-    decoder_init = init_answer_decoder(model, checkpoint or cfg.init.text)
-    if decoder_init:
-        logger.info(f"answer decoder initialised from the encoder: {', '.join(decoder_init)}")
+    def init_decoder() -> None:
+        decoder_init = init_answer_decoder(model, checkpoint or cfg.init.text)
+        if decoder_init:
+            logger.info(f"answer decoder initialised from the encoder: {', '.join(decoder_init)}")
+
+    prepare_model(model, cfg, checkpoint, log=logger.info, after_load=init_decoder)
     model.to(dist.device)
     ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
 
@@ -179,13 +181,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # The best epoch is chosen by val accuracy when the val split has answers (ALBEF's VQA has
     # no val split: it trains on train + val and scores test on the server).
     validate = "val" in eval_sets and gt_answers["val"] is not None
+    # methods acting during training (the DAS search) score held-out batches of the val split
+    step_hooks = method_step_hooks(
+        model, lambda: VQADataset(data.val_file, data.image_root, test_transform, split="train",
+                                  max_words=data.max_words, eos=data.eos) if data.val_file else None,
+        VQACollator(tokenizer, data.max_question_tokens), cfg.train.batch_size, f"data.val_file ({data.val_file!r})",
+    )
     if not args.evaluate:
         train_and_reload_best(
             model=model, train_model=ddp_model, loader=train_loader, step_fn=step_fn,
             train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
             config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate("val", f"vqa_result_val_epoch{epoch}")) if validate else None,
-            best_metric_key="acc" if validate else None, resume=args.resume,
+            best_metric_key="acc" if validate else None, resume=args.resume, step_hooks=step_hooks,
         )
 
     # --- evaluate ---

@@ -297,6 +297,29 @@ class RetrievalEvalDataset(_ImageAnnotationDataset):
             return self.transform(Image.new("RGB", (32, 32), (128, 128, 128))), index
 
 
+class RetrievalPairs(Dataset):
+    """An evaluation split's (image, caption) pairs as training samples (the
+    :class:`RetrievalTrainDataset` format, the image index as ``idx``): held-out batches for
+    methods that score the training loss during training (the DAS search).
+
+    Args:
+        split (RetrievalEvalDataset): the evaluation split.
+
+    Outputs (``__getitem__``):
+        Tuple[Tensor, str, int]: image, caption, image index (one sample per caption).
+    """
+
+    def __init__(self, split: "RetrievalEvalDataset") -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.text)
+
+    def __getitem__(self, index: int) -> Tuple[Tensor, str, int]:
+        image_index = self.split.txt2img[index]
+        return self.split[image_index][0], self.split.text[index], image_index
+
+
 class PretrainDataset(_ImageAnnotationDataset):
     """Image-caption pairs for pre-training (ALBEF ``pretrain_dataset``).
 

@@ -249,7 +249,10 @@ def load_model_weights(
     mismatched = [
         f"    {k}: checkpoint {_shape(state[k])} vs model {_shape(expected[k])}"
         for k in expected
-        if k in state and (not isinstance(state[k], Tensor) or state[k].shape != expected[k].shape)
+        # non-tensor entries are modules' extra state (nn.Module.get_extra_state), e.g. the DAS
+        # search's RNG and histories
+        if k in state and (isinstance(state[k], Tensor) != isinstance(expected[k], Tensor)
+                           or isinstance(state[k], Tensor) and state[k].shape != expected[k].shape)
     ]
     matched = len(expected) - len(missing)
     # Even when missing keys are allowed, a checkpoint that fills under half of the model is

@@ -24,11 +24,12 @@ The same sections work in every recipe, so the methods compose (applied in
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from torch import nn
 
 from torchmm_ext.checkpoints.primitives import PathLike
+from torchmm_ext.engine.checkpoint import unwrap_model
 from torchmm_ext.engine.config import check_kwargs, ConfigError
 from torchmm_ext.engine.recipe_utils import initialize_weights, InitConfig
 from torchmm_ext.modules.efficiency import applied_methods
@@ -151,6 +152,7 @@ def prepare_model(
     checkpoint: Optional[str] = None,
     head_prefixes: Sequence[str] = (),
     log: Optional[Callable[[str], None]] = None,
+    after_load: Optional[Callable[[], Any]] = None,
 ) -> Dict[str, Any]:
     """Load a recipe's starting weights and apply its efficiency methods, in the right order.
 
@@ -168,6 +170,9 @@ def prepare_model(
         head_prefixes (Sequence[str]): task-head key prefixes for
             :func:`~torchmm_ext.engine.recipe_utils.load_task_head`.
         log (Optional[Callable[[str], None]]): where reports go (``logger.info``).
+        after_load (Optional[Callable[[], Any]]): what the recipe does to the loaded weights
+            before the config-only methods change the model (VQA: the answer decoder copied
+            from the fusion layers).
 
     Returns:
         Dict[str, Any]: the reports of the methods applied after the load, by name.
@@ -189,6 +194,8 @@ def prepare_model(
         log(f"{checkpoint} was made with {', '.join(recorded)}: the model is restructured before loading")
     init: InitConfig = getattr(cfg, "init", InitConfig())
     initialize_weights(model, init, checkpoint, head_prefixes=head_prefixes, log=log)
+    if after_load is not None:
+        after_load()
     after = {name: kwargs for name, kwargs in configured.items() if name not in recorded}
     reports = apply_methods(model, after)
     for name, report in reports.items():
@@ -199,3 +206,36 @@ def prepare_model(
 def checkpoint_methods(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     """The ``"methods"`` entry a checkpoint writer stores for ``model`` (its record)."""
     return applied_methods(model)
+
+
+def method_step_hooks(
+    model: nn.Module,
+    heldout_set: Callable[[], Any],
+    collate_fn: Callable,
+    batch_size: int,
+    name: str,
+) -> List[Any]:
+    """The training-loop hooks of the methods installed on ``model`` (the DAS search: any
+    submodule with ``make_step_hook``), each given the recipe's held-out data; pass them to
+    :func:`~torchmm_ext.engine.fit.train_and_reload_best` as ``step_hooks``. Empty (and
+    ``heldout_set`` never called) when no method needs one.
+
+    Args:
+        model (nn.Module): the model (DDP wrappers unwrapped here).
+        heldout_set (Callable[[], Any]): builds the validation split read like the training
+            split (a dataset of training records).
+        collate_fn (Callable): the training collator.
+        batch_size (int): records per held-out batch.
+        name (str): what the held-out data is (file), for messages.
+
+    Raises:
+        ConfigError: a method needs held-out data and the recipe has none.
+    """
+    makers = [m.make_step_hook for m in unwrap_model(model).modules() if callable(getattr(m, "make_step_hook", None))]
+    if not makers:
+        return []
+    dataset = heldout_set()
+    if dataset is None:
+        raise ConfigError(f"{', '.join(applied_methods(model))} needs held-out batches during training, "
+                          f"but the recipe has no validation split ({name})")
+    return [make(dataset, collate_fn, batch_size, name) for make in makers]

@@ -6,7 +6,7 @@ implementation of resume/checkpoint/best-model logic serves every task.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from torchmm_ext.engine.checkpoint import (
 from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
-from torchmm_ext.engine.train_loop import StepFn, steps_in_epoch, train_one_epoch
+from torchmm_ext.engine.train_loop import StepFn, StepHook, steps_in_epoch, train_one_epoch
 from torchmm_ext.modules.efficiency import applied_methods
 
 logger = get_logger(__name__)
@@ -95,6 +95,7 @@ def fit(
     best_metric_key: Optional[str] = None,
     resume: Optional[str] = None,
     metric_logger: Optional[MetricLogger] = None,
+    step_hooks: Sequence[StepHook] = (),
 ) -> Optional[float]:
     """Train for ``train_cfg.epochs`` epochs with checkpoints, evaluation and resume.
 
@@ -119,6 +120,8 @@ def fit(
         resume (Optional[str]): a checkpoint path, ``"auto"`` (the last one in
             ``output_dir``) or None.
         metric_logger (Optional[MetricLogger]): TensorBoard/JSON logger (rank 0).
+        step_hooks (Sequence[StepHook]): called after every optimizer step
+            (:func:`~torchmm_ext.engine.efficiency.method_step_hooks`).
 
     Returns:
         Optional[float]: the best validation metric (None without ``evaluate_fn``).
@@ -156,6 +159,7 @@ def fit(
             checkpoint_fn=save_last,
             checkpoint_every=train_cfg.checkpoint_every,
             max_steps=train_cfg.max_steps_per_epoch,
+            step_hooks=step_hooks,
         )
         global_step, start_step = result.global_step, 0
         epoch_metrics: Dict[str, Any] = {f"train/{k}": v for k, v in result.metrics.items()}
@@ -195,6 +199,7 @@ def train_and_reload_best(
     evaluate_fn: Optional[Callable[[int], Dict[str, float]]] = None,
     best_metric_key: Optional[str] = None,
     resume: Optional[str] = None,
+    step_hooks: Sequence[StepHook] = (),
 ) -> Optional[float]:
     """What every fine-tuning recipe does to train: AdamW (no decay on biases/norms) with a
     per-step cosine schedule and linear warm-up from ``train_cfg``, :func:`fit` with TensorBoard
@@ -205,7 +210,7 @@ def train_and_reload_best(
         model (nn.Module): the bare model (receives the best weights).
         train_model (nn.Module): what is trained: ``model`` or its DDP wrapper.
         loader, step_fn, train_cfg, device, output_dir, config_dict, evaluate_fn,
-        best_metric_key, resume: as in :func:`fit`.
+        best_metric_key, resume, step_hooks: as in :func:`fit`.
 
     Returns:
         Optional[float]: the best validation metric (None without ``evaluate_fn``).
@@ -224,7 +229,7 @@ def train_and_reload_best(
             model=train_model, loader=loader, optimizer=optimizer, scheduler=scheduler,
             step_fn=step_fn, train_cfg=train_cfg, device=device, output_dir=output_dir,
             config_dict=config_dict, evaluate_fn=evaluate_fn, best_metric_key=best_metric_key,
-            resume=resume, metric_logger=metric_logger,
+            resume=resume, metric_logger=metric_logger, step_hooks=step_hooks,
         )
     if best is not None:
         load_model_weights(model, output_dir / BEST_CHECKPOINT)

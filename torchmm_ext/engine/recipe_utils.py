@@ -361,12 +361,17 @@ def finetune_classifier(
         return StepOutput(out.loss, {"train_acc": acc})
 
     if not args.evaluate:
+        from torchmm_ext.engine.efficiency import method_step_hooks  # (imports this module)
+
+        # methods acting during training (the DAS search) score batches of the selection split
+        step_hooks = method_step_hooks(model, lambda: eval_sets.get(select_split), collate,
+                                       cfg.train.batch_size, f"the {select_split} split")
         train_and_reload_best(
             model=model, train_model=train_model, loader=train_loader, step_fn=step_fn,
             train_cfg=cfg.train, device=dist.device, output_dir=output_dir,
             config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate(select_split)) if select_split in eval_sets else None,
-            best_metric_key="acc", resume=args.resume,
+            best_metric_key="acc", resume=args.resume, step_hooks=step_hooks,
         )
 
     results = {split: evaluate(split) for split in eval_sets}

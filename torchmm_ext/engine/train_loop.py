@@ -16,7 +16,7 @@ checkpoints::
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import nn, Tensor
@@ -76,6 +76,11 @@ class NonFiniteLossError(FloatingPointError):
 
 StepFn = Callable[[nn.Module, Any, StepContext], StepOutput]
 CheckpointFn = Callable[[int, int, int], None]
+# Called after every optimizer step as hook(model, ctx, run_step); run_step(batch) returns the
+# StepOutput of a (host) batch computed as the training step computes it (device transfer,
+# autocast, step_fn with this step's ctx) and does not backpropagate. Methods that act during
+# training use it (the DAS search scores skip sets on held-out batches).
+StepHook = Callable[[nn.Module, StepContext, Callable[[Any], StepOutput]], None]
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -141,6 +146,7 @@ def train_one_epoch(
     checkpoint_fn: Optional[CheckpointFn] = None,
     checkpoint_every: int = 0,
     max_steps: Optional[int] = None,
+    step_hooks: Sequence[StepHook] = (),
 ) -> EpochResult:
     """Train for one epoch (or the rest of one, when resuming).
 
@@ -173,6 +179,8 @@ def train_one_epoch(
         checkpoint_every (int): steps between mid-epoch checkpoints; 0 disables. Default: 0.
         max_steps (Optional[int]): truncate every epoch to this many steps (debugging).
             Default: None.
+        step_hooks (Sequence[StepHook]): called after every optimizer step (see
+            :data:`StepHook`). Default: none.
 
     Returns:
         EpochResult: averaged metrics, global step after the epoch, steps run.
@@ -234,6 +242,8 @@ def train_one_epoch(
             optimizer.zero_grad(set_to_none=True)
             if scheduler is not None:
                 scheduler.step()
+            for hook in step_hooks:
+                hook(model, ctx, lambda extra, ctx=ctx: _run_step(model, step_fn, extra, ctx, device, precision))
             global_step += 1
             steps_run += 1
             step += 1
@@ -269,6 +279,13 @@ def train_one_epoch(
     metrics = _reduce_epoch_metrics(names, epoch_sums, steps_run, device)
     metrics["lr"] = lr
     return EpochResult(metrics, global_step, steps_run)
+
+
+def _run_step(model: nn.Module, step_fn: StepFn, batch: Any, ctx: StepContext, device: torch.device,
+              precision: str) -> StepOutput:
+    batch = move_to_device(batch, device)
+    with autocast_context(device, precision):
+        return step_fn(model, batch, ctx)
 
 
 def _reduce_epoch_metrics(

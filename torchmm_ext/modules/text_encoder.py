@@ -279,21 +279,43 @@ class FusionLayer(nn.Module):
         Returns:
             Tuple of the new states ``[P, L, D]`` and the probabilities (or ``None``).
         """
+        x, attended = self._self_attention_output(x, text_mask, first_token_only)
+        x = self.attention_layernorm(x + attended)
+        cross, probs = self._cross_attention_output(
+            x, image_embeddings, image_index, image_mask, return_cross_attention, pairs_per_image
+        )
+        x = self.cross_attention_layernorm(x + cross)
+        x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x)))
+        return x, probs
+
+    def _self_attention_output(
+        self, x: Tensor, text_mask: Tensor, first_token_only: bool
+    ) -> tuple[Tensor, Tensor]:
+        """The residual input (``x``, or its first token) and the self-attention sub-layer's
+        output after dropout; the two are added and normalised by :meth:`forward` (subclasses,
+        e.g. DAS's parallel adapters, add their own terms in between)."""
         if first_token_only:
-            attended = self._self_attend_first_token(x, text_mask)
-            x = x[:, :1]
-        else:
-            attended = self.attention(x, text_mask)
-        x = self.attention_layernorm(x + self.attention_dropout(attended))
+            return x[:, :1], self.attention_dropout(self._self_attend_first_token(x, text_mask))
+        return x, self.attention_dropout(self.attention(x, text_mask))
+
+    def _cross_attention_output(
+        self,
+        x: Tensor,
+        image_embeddings: Tensor,
+        image_index: Optional[Tensor],
+        image_mask: Optional[Tensor],
+        return_cross_attention: bool,
+        pairs_per_image: Optional[int],
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """The cross-attention sub-layer's output after dropout, and its probabilities when
+        ``return_cross_attention`` (else ``None``)."""
         probs = None
         if return_cross_attention:
             images = image_embeddings if image_index is None else image_embeddings[image_index]
             cross, probs = cross_attention_with_probs(self.cross_attention, x, images, image_mask)
         else:
             cross = self._cross_attend(x, image_embeddings, image_index, image_mask, pairs_per_image)
-        x = self.cross_attention_layernorm(x + self.cross_attention_dropout(cross))
-        x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x)))
-        return x, probs
+        return self.cross_attention_dropout(cross), probs
 
 
 class ALBEFFusionEncoder(nn.Module):

@@ -1,0 +1,28 @@
+"""DAS fine-tuning for nlvr: ALBEF's nlvr recipe (examples/albef/finetune_nlvr.py) from the
+pre-trained weights, with the searched blocks replaced by skip adapters, parallel adapters in the
+kept blocks, and only adapters and heads trained (the config's ``das:`` section).
+
+    # the skip list of the search (python examples/das/search.py --config <this config>)
+    python examples/das/finetune_nlvr.py --config examples/das/configs/albef_nlvr_shapes.yaml
+    # another skip list, or none (adapters only, k = 0)
+    python examples/das/finetune_nlvr.py --opts das.skip_from=null 'das.skip={fusion: [1]}'
+    python examples/das/finetune_nlvr.py --opts das.skip_from=null
+
+Any config key can be overridden with ``--opts``, as in every recipe.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _recipes import finetune_main  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "albef_nlvr_shapes.yaml"
+
+
+def main(argv=None):
+    return finetune_main("nlvr", argv, DEFAULT_CONFIG)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

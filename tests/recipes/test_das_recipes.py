@@ -1,0 +1,106 @@
+"""DAS entry points end to end on a small shapes world (tiny model, a few steps): the search writes
+skip.json and the gate plot, fine-tuning reads them back, checkpoints of the DAS model reload,
+and the configs and bad inputs fail clearly."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchmm_ext.engine import load_config
+from testing_utils import shapes_world_opts, TINY_ENCODER_OPTS
+
+DAS = Path(__file__).resolve().parents[2] / "examples" / "das"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"das_{name}", DAS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMALL = [*TINY_ENCODER_OPTS, "init.checkpoint=", "train.batch_size=8", "eval.batch_size=16", "das.adapter_dim=8"]
+VQA = [*SMALL, "eval.k_test=5"]
+
+
+def test_shipped_configs_load_and_name_their_stages():
+    search = load("search")
+    for path in sorted((DAS / "configs").glob("albef_*.yaml")):
+        task = search.task_of(path, None)
+        recipe = search.albef_recipe(task)
+        cfg = load_config(path, getattr(recipe, search.CONFIG_CLASSES[task]))
+        assert cfg.das["search"]["skip_num"] >= 1 and cfg.das["adapter_dim"] == 96, path
+        assert cfg.das["skip_from"].endswith("_search/skip.json"), path
+        assert cfg.das["skip_from"].startswith(cfg.output_dir), path
+
+
+def test_vqa_search_then_finetuning_from_its_skip_json(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    search = load("search")
+    result = search.main(["--config", str(DAS / "configs" / "albef_vqa_shapes.yaml"),
+                          "--output-dir", str(tmp_path / "search"), "--opts", *world, *VQA,
+                          "das.search.epochs=2", "das.search.das_turn=2", "das.search.skip_num=2"])
+    saved = json.loads((tmp_path / "search" / "skip.json").read_text())
+    assert saved == result and saved["model"] == "ALBEFForVQA" and saved["skip_num"] == 2
+    # 40 images x 3 questions / 8 = 15 steps an epoch; no rounds in the warm-up epoch 0, then
+    # (the step count kept running, as published) at epoch 1's steps 1, 3, ..., 15
+    assert len(saved["gate_history"]) == 8 and all(r["epoch"] == 1 for r in saved["reward_history"])
+    assert len(saved["gates"]) == 4 + 2 + 2 + 2 and [e["epoch"] for e in saved["epochs"]] == [0, 1]
+    chosen = sorted((g, i) for g, v in saved["skip"].items() for i in v)
+    assert len(chosen) == 2 and [list(c) for c in chosen] == sorted(
+        [saved["candidates"][i] for i in saved["skip_candidates"]])
+    assert (tmp_path / "search" / "gates.png").stat().st_size > 1000
+    assert (tmp_path / "search" / "results.json").exists()
+
+    finetune = load("finetune_vqa")
+    out = tmp_path / "finetune"
+    results = finetune.main(["--output-dir", str(out), "--opts", *world, *VQA, "train.epochs=1",
+                             "train.max_steps_per_epoch=3", f"das.skip_from={tmp_path / 'search' / 'skip.json'}"])
+    assert set(results) == {"val", "test"}
+    best = torch.load(out / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["methods"]["das"]["skip"] == saved["skip"] and best["methods"]["das"]["search"] is None
+    assert not any(k.startswith("das_search.") for k in best["model"])
+    # --evaluate --checkpoint rebuilds the skipped model from the record and scores the same
+    evaluated = finetune.main(["--output-dir", str(tmp_path / "eval"), "--evaluate", "--checkpoint",
+                               str(out / "checkpoint_best.pth"), "--opts", *world, *VQA,
+                               "das.skip_from=null"])
+    assert evaluated["test"]["acc"] == pytest.approx(results["test"]["acc"])
+
+
+def test_nlvr_finetuning_with_a_skip_list(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    finetune = load("finetune_nlvr")
+    results = finetune.main(["--output-dir", str(tmp_path), "--opts", *world, *SMALL, "train.epochs=1",
+                             "train.max_steps_per_epoch=2", "das.skip_from=null", "das.skip={fusion: [1, 2]}"])
+    assert set(results) == {"dev", "test"}
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["methods"]["das"]["skip"] == {"fusion": [1, 2]}
+
+
+def test_bad_inputs_fail_clearly(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    finetune = load("finetune_vqa")
+    with pytest.raises(FileNotFoundError, match=r"nowhere.json does not exist; run the search first"):
+        finetune.main(["--output-dir", str(tmp_path / "a"), "--opts", *world, *VQA,
+                       f"das.skip_from={tmp_path / 'nowhere.json'}"])
+    other = tmp_path / "nlvr_skip.json"
+    other.write_text(json.dumps({"model": "ALBEFForNLVR", "skip": {"fusion": [3]}, "group_sizes": {"fusion": 4}}))
+    with pytest.raises(ValueError, match=r"searched on ALBEFForNLVR, but this model is ALBEFForVQA"):
+        finetune.main(["--output-dir", str(tmp_path / "b"), "--opts", *world, *VQA, f"das.skip_from={other}"])
+    search = load("search")
+    with pytest.raises(ValueError, match=r"skip_num=11 is larger than the 10 candidate blocks"):
+        search.main(["--output-dir", str(tmp_path / "c"), "--opts", *world, *VQA, "das.search.skip_num=11"])
+
+
+def test_retrieval_search_scores_val_caption_pairs(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    search = load("search")
+    result = search.main(["--config", str(DAS / "configs" / "albef_retrieval_shapes.yaml"),
+                          "--output-dir", str(tmp_path), "--opts", *world, *SMALL, "eval.k_test=4",
+                          "das.search.epochs=2", "das.search.das_turn=3", "das.search.skip_num=1",
+                          "train.max_steps_per_epoch=6"])
+    assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2 + 2
+    assert len(result["reward_history"]) == 2 and all(len(r["losses"]) == 3 for r in result["reward_history"])

@@ -12,11 +12,11 @@ A DAS config is the task recipe's config with a ``das:`` section holding both st
 The fine-tuning entry points drop ``das.search``; ``search.py`` drops ``das.skip``/``das.skip_from``.
 """
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence
+
+from torchmm_ext.engine.recipe_utils import load_recipe, with_default_config
 
 ALBEF_RECIPES = Path(__file__).resolve().parents[1] / "albef"
 TASK_RECIPES: Dict[str, str] = {"vqa": "finetune_vqa", "nlvr": "finetune_nlvr", "retrieval": "finetune_retrieval"}
@@ -26,22 +26,14 @@ def albef_recipe(task: str) -> ModuleType:
     """The ALBEF recipe module of ``task`` (``vqa``, ``nlvr`` or ``retrieval``)."""
     if task not in TASK_RECIPES:
         raise ValueError(f"unknown DAS task {task!r}; choose one of {sorted(TASK_RECIPES)}")
-    name = f"albef_{TASK_RECIPES[task]}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ALBEF_RECIPES / f"{TASK_RECIPES[task]}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_recipe(ALBEF_RECIPES / f"{TASK_RECIPES[task]}.py")
 
 
 def with_overrides(argv: Optional[Sequence[str]], default_config: Path, first: Sequence[str] = (),
                    last: Sequence[str] = ()) -> List[str]:
     """``argv`` with ``--config default_config`` when it has none, and ``first`` overrides before
     the user's ``--opts`` (which may change them) and ``last`` after them (which may not)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(default_config), *argv]
+    argv = with_default_config(argv, default_config)
     if "--opts" in argv:
         at = argv.index("--opts") + 1
         end = next((i for i in range(at, len(argv)) if argv[i].startswith("--")), len(argv))

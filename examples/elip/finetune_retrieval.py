@@ -17,28 +17,18 @@ serve its ITC feature and every re-ranked pair. ``token_pruning.eval_pruning=fal
 with all tokens instead.
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from torchmm_ext.engine.recipe_utils import run_recipe
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "finetune_retrieval_shapes.yaml"
 
 
-def albef_recipe(name: str):
-    """``examples/albef/<name>.py`` as a module (loaded by path, under its own name)."""
-    spec = importlib.util.spec_from_file_location(f"albef_{name}_recipe", HERE.parent / "albef" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    return albef_recipe("finetune_retrieval").main(argv)
+    return run_recipe(HERE.parent / "albef" / "finetune_retrieval.py", DEFAULT_CONFIG, argv)
 
 
 if __name__ == "__main__":

@@ -17,28 +17,18 @@ Every option of the ALBEF recipe works (``--opts``, ``--checkpoint``, ``--resume
 recorded (they change no weight: fine-tuning prunes only if its own config says so).
 """
 
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+from torchmm_ext.engine.recipe_utils import run_recipe
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "pretrain_shapes.yaml"
 
 
-def albef_recipe(name: str):
-    """``examples/albef/<name>.py`` as a module (loaded by path: this file has the same name)."""
-    spec = importlib.util.spec_from_file_location(f"albef_{name}_recipe", HERE.parent / "albef" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG), *argv]
-    return albef_recipe("pretrain").main(argv)
+    return run_recipe(HERE.parent / "albef" / "pretrain.py", DEFAULT_CONFIG, argv)
 
 
 if __name__ == "__main__":

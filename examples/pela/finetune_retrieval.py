@@ -17,15 +17,18 @@ Every option of the ALBEF recipe works (``--opts low_rank.ratio=2 train.lr=1e-4`
 """
 
 import sys
+from pathlib import Path
 from typing import Any, List, Optional
 
-from _albef import run_albef_recipe
+from torchmm_ext.engine.recipe_utils import run_recipe
+
+HERE = Path(__file__).resolve().parent
 
 DEFAULT_CONFIG = "retrieval_shapes.yaml"
 
 
 def main(argv: Optional[List[str]] = None) -> Any:
-    return run_albef_recipe("finetune_retrieval", DEFAULT_CONFIG, argv)
+    return run_recipe(HERE.parent / "albef" / "finetune_retrieval.py", HERE / "configs" / DEFAULT_CONFIG, argv)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,18 @@ fine-tuning recipe restructures its model before loading them.
 """
 
 import sys
+from pathlib import Path
 from typing import Any, List, Optional
 
-from _albef import run_albef_recipe
+from torchmm_ext.engine.recipe_utils import run_recipe
+
+HERE = Path(__file__).resolve().parent
 
 DEFAULT_CONFIG = "pretrain_shapes.yaml"
 
 
 def main(argv: Optional[List[str]] = None) -> Any:
-    return run_albef_recipe("pretrain", DEFAULT_CONFIG, argv)
+    return run_recipe(HERE.parent / "albef" / "pretrain.py", HERE / "configs" / DEFAULT_CONFIG, argv)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 low-rank fine-tuning; the shipped configs."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,16 +9,18 @@ import torch
 
 from torchmm_ext.engine import load_config
 from torchmm_ext.engine.efficiency import check_method_sections, recorded_methods
+from torchmm_ext.engine.recipe_utils import load_recipe
 from testing_utils import shapes_world_opts
 
 REPO = Path(__file__).resolve().parents[2]
 PELA = REPO / "examples" / "pela"
-sys.path.insert(0, str(PELA))
+compress = load_recipe(PELA / "compress.py")
+pela_finetune_ve = load_recipe(PELA / "finetune_ve.py")
+pela_pretrain = load_recipe(PELA / "pretrain.py")
 
-import _albef  # noqa: E402
-import compress  # noqa: E402
-import finetune_ve as pela_finetune_ve  # noqa: E402
-import pretrain as pela_pretrain  # noqa: E402  (examples/pela/pretrain.py: PELA is first on the path)
+
+def albef_recipe(name: str):
+    return load_recipe(REPO / "examples" / "albef" / f"{name}.py")
 
 SIZES = dict(patch_size=16, vision_width=64, vision_heads=2, vision_mlp_dim=128, text_width=64, text_heads=2,
              text_ffn_dim=128)
@@ -32,7 +33,7 @@ CONFIG_CLASSES = {"pretrain": ("pretrain", "PretrainConfig"), "retrieval": ("fin
 
 
 def _config_class(recipe: str, name: str):
-    return getattr(_albef.albef_recipe(recipe), name)
+    return getattr(albef_recipe(recipe), name)
 
 
 def test_every_shipped_config_loads_with_the_albef_recipe_and_has_low_rank():
@@ -53,7 +54,7 @@ def test_every_shipped_config_loads_with_the_albef_recipe_and_has_low_rank():
 def test_compress_pretrain_finetune(shapes_cache, tmp_path, capsys):
     # the teacher: a few steps of ALBEF pre-training
     teacher_dir = tmp_path / "teacher"
-    _albef.albef_recipe("pretrain").main(["--output-dir", str(teacher_dir), "--opts",
+    albef_recipe("pretrain").main(["--output-dir", str(teacher_dir), "--opts",
                                           *shapes_world_opts(shapes_cache), *SMALL_MODEL, *SHORT, "eval.k_test=4"])
     teacher = teacher_dir / "pretrained.pth"
 

@@ -1,10 +1,13 @@
 """Small pieces several recipes share (config sections and set-up steps, no training loop)."""
 
 import argparse
+import importlib.util
 import json
+import sys
 
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -246,6 +249,34 @@ def save_results(
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         for split, metrics in results.items():
             print(f"[{split}] {summary(split, metrics)}")
+
+
+def load_recipe(path: Path) -> ModuleType:
+    """A recipe script (``examples/<family>/<name>.py``) as a module, loaded once under the name
+    ``<family>_<name>`` (registered in ``sys.modules``: its config dataclasses resolve their module
+    by name). Method entry points (``examples/pela``, ``examples/elip``, ``examples/das``) run an
+    ALBEF recipe this way instead of copying its loop."""
+    path = Path(path).resolve()
+    name = f"{path.parent.name}_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def with_default_config(argv: Optional[Sequence[str]], default_config: Path) -> List[str]:
+    """The command line ``argv`` (``sys.argv[1:]`` when None) with ``--config default_config``
+    in front unless it names a config itself."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv if "--config" in argv else ["--config", str(default_config), *argv]
+
+
+def run_recipe(path: Path, default_config: Path, argv: Optional[Sequence[str]] = None) -> Any:
+    """Run the recipe script at ``path`` with another default config: its ``main``, called with
+    :func:`with_default_config`."""
+    return load_recipe(path).main(with_default_config(argv, default_config))
 
 
 class RecipeStart(NamedTuple):

@@ -88,6 +88,8 @@ def test_round_trip_ours_pela_ours() -> None:
     assert pela["visual_encoder.blocks.0.attn.qkv.0.weight"].shape == (low_rank_rank(D, 3 * D, 3), D)
     back = pela_conversion(pela).state_dict
     for key, value in ours.items():
+        if key == "queue.idx_queue":  # ALBEF's pre-training model has no id queue: not exported
+            continue
         assert key in back, key
         torch.testing.assert_close(back[key], value, msg=key)
 

@@ -181,7 +181,8 @@ def test_decoder_init_copies_fusion_layers_embeddings_and_mlm_head():
     mlm_head = {k: torch.randn_like(v) for k, v in model.answer_decoder.lm_head.state_dict().items()
                 if k not in ("decoder.weight", "decoder.bias")}  # a pre-training head: bias only once
     done = model.init_answer_decoder_from_encoder(mlm_head)
-    assert done == ["embeddings", "layers.layer.0", "layers.layer.1", "lm_head"]
+    online = ["embeddings", "layers.layer.0", "layers.layer.1", "lm_head"]
+    assert model.distill and done == online + [f"answer_decoder_m.{name}" for name in online]
     decoder = model.answer_decoder
     for key, value in model.text_encoder.embeddings.state_dict().items():
         torch.testing.assert_close(decoder.embeddings.state_dict()[key], value, rtol=0, atol=0)

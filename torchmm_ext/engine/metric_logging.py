@@ -32,6 +32,20 @@ class _MainProcessFilter(logging.Filter):
         return False
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stdout`` is when a record is written, not the one of
+    the moment the logger was made: later redirections (``contextlib.redirect_stdout``,
+    pytest's capture) see the log too."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 def get_logger(name: str = "torchmm_ext", level: int = logging.INFO) -> logging.Logger:
     """A logger that prints to stdout on rank 0 only (errors from every rank).
 
@@ -44,7 +58,7 @@ def get_logger(name: str = "torchmm_ext", level: int = logging.INFO) -> logging.
     """
     logger = logging.getLogger(name)
     if not any(getattr(h, "_torchmm_ext", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
         handler.addFilter(_MainProcessFilter())
         handler._torchmm_ext = True  # type: ignore[attr-defined]

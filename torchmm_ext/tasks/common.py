@@ -8,9 +8,11 @@ from torch import nn, Tensor
 
 from torchmm_ext.data.vl_tasks import image_transform
 from torchmm_ext.engine.distributed import all_reduce_sum
+from torchmm_ext.engine.efficiency import MethodsConfig
+from torchmm_ext.engine.fit import TrainConfig
 from torchmm_ext.engine.recipe_utils import InitConfig, ShapesWorldConfig
 
-__all__ = ["ImageConfig", "EvalConfig", "InitConfig", "ShapesWorldConfig", "build_transforms", "model_inputs",
+__all__ = ["ImageConfig", "EvalConfig", "TaskDataConfig", "TaskConfig", "InitConfig", "ShapesWorldConfig", "build_transforms", "model_inputs",
            "classification_metrics", "CheckpointAdapter"]
 
 #: ``(checkpoint path, model) -> what to load`` (the path itself, or a converted state dict):
@@ -48,6 +50,40 @@ class EvalConfig:
     batch_size: int = 64
     text_batch_size: int = 64
     max_images: int = 0
+
+
+@dataclass
+class TaskDataConfig:
+    """The ``data:`` fields every task shares (each task's section adds its files).
+
+    Attributes:
+        shapes (Optional[ShapesWorldConfig]): set: the built-in world's files.
+        image_root (str): root of JSON image paths.
+        tokenizer (str): ``"shapes"``, a tokenizer directory or a hub name.
+        max_tokens (int): text length after tokenisation.
+        max_words (int): words kept by caption cleaning.
+        image (ImageConfig): the image transform.
+        skip_bad_samples (bool): skip (and count) unreadable records instead of failing.
+    """
+
+    shapes: Optional[ShapesWorldConfig] = None
+    image_root: str = ""
+    tokenizer: str = "bert-base-uncased"
+    max_tokens: int = 40
+    max_words: int = 40
+    image: ImageConfig = field(default_factory=ImageConfig)
+    skip_bad_samples: bool = False
+
+
+@dataclass
+class TaskConfig(MethodsConfig):
+    """The sections every task recipe's config has; a task adds its ``data:`` section."""
+
+    model: Dict[str, Any] = field(default_factory=dict)  # the builder's kwargs
+    init: InitConfig = field(default_factory=InitConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/task"
 
 
 def build_transforms(cfg: ImageConfig):

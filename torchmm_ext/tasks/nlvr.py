@@ -3,7 +3,7 @@ classifier; the best dev epoch is tested."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -13,19 +13,17 @@ from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import PairCollator, PairDataset
 from torchmm_ext.engine import autocast_context, cleanup, config_to_dict, get_logger
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
-from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
 from torchmm_ext.tasks.common import (
     build_transforms,
     CheckpointAdapter,
     classification_metrics,
-    EvalConfig,
-    ImageConfig,
-    InitConfig,
     model_inputs,
-    ShapesWorldConfig,
+    TaskConfig,
+    TaskDataConfig,
 )
 
 __all__ = ["NLVRTaskConfig", "NLVRDataConfig", "run_nlvr"]
@@ -35,27 +33,16 @@ INPUTS = ("images", "input_ids", "attention_mask", "pixel_mask", "labels")
 
 
 @dataclass
-class NLVRDataConfig:
-    shapes: Optional[ShapesWorldConfig] = None  # set: the built-in world's files
+class NLVRDataConfig(TaskDataConfig):
     # ALBEF JSON ({images: [a, b], sentence, label}) or NLVR2 Arrow files (image_0, image_1, ...)
     train_files: List[str] = field(default_factory=list)
     dev_files: List[str] = field(default_factory=list)
     test_files: List[str] = field(default_factory=list)
-    image_root: str = ""
-    tokenizer: str = "bert-base-uncased"
-    max_tokens: int = 40
-    max_words: int = 40
-    image: ImageConfig = field(default_factory=ImageConfig)
-    skip_bad_samples: bool = False
 
 
 @dataclass
-class NLVRTaskConfig(MethodsConfig):
-    model: Dict[str, Any] = field(default_factory=dict)
-    init: InitConfig = field(default_factory=InitConfig)
+class NLVRTaskConfig(TaskConfig):
     data: NLVRDataConfig = field(default_factory=NLVRDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/nlvr"
 
 

@@ -5,7 +5,7 @@ ITM and MLM accuracy."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -24,12 +24,12 @@ from torchmm_ext.engine import (
     save_checkpoint,
 )
 from torchmm_ext.engine.distributed import all_reduce_sum
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
-from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
 from torchmm_ext.modules.efficiency import applied_methods
-from torchmm_ext.tasks.common import EvalConfig, ImageConfig, InitConfig, model_inputs, ShapesWorldConfig, build_transforms
+from torchmm_ext.tasks.common import build_transforms, model_inputs, TaskConfig, TaskDataConfig
 
 __all__ = ["PretrainTaskConfig", "PretrainDataConfig", "run_pretrain", "PRETRAINED_WEIGHTS"]
 
@@ -40,26 +40,15 @@ INPUTS = ("images", "input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"
 
 
 @dataclass
-class PretrainDataConfig:
-    shapes: Optional[ShapesWorldConfig] = None  # set: the built-in world's captions
+class PretrainDataConfig(TaskDataConfig):
     train_files: List[str] = field(default_factory=list)  # ALBEF JSON ({image, caption}) or caption Arrow files
     val_files: List[str] = field(default_factory=list)
-    image_root: str = ""
-    tokenizer: str = "bert-base-uncased"
-    max_tokens: int = 40
-    max_words: int = 40
     mlm_probability: float = 0.15
-    image: ImageConfig = field(default_factory=ImageConfig)
-    skip_bad_samples: bool = False
 
 
 @dataclass
-class PretrainTaskConfig(MethodsConfig):
-    model: Dict[str, Any] = field(default_factory=dict)
-    init: InitConfig = field(default_factory=InitConfig)
+class PretrainTaskConfig(TaskConfig):
     data: PretrainDataConfig = field(default_factory=PretrainDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/pretrain"
 
 

@@ -5,7 +5,7 @@ recall@1/5/10 both ways."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn, Tensor
@@ -16,19 +16,17 @@ from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import ImagesCollator, NegativesCollator, RetrievalEvalSet, RetrievalNegativesDataset
 from torchmm_ext.engine import all_gather_object, autocast_context, cleanup, config_to_dict, get_logger
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
-from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
 from torchmm_ext.evaluation.retrieval import recall_metrics
 from torchmm_ext.tasks.common import (
     build_transforms,
     CheckpointAdapter,
-    EvalConfig,
-    ImageConfig,
-    InitConfig,
     model_inputs,
-    ShapesWorldConfig,
+    TaskConfig,
+    TaskDataConfig,
 )
 
 __all__ = ["RetrievalTaskConfig", "RetrievalDataConfig", "run_retrieval", "score_all_pairs"]
@@ -38,28 +36,17 @@ INPUTS = ("images", "input_ids", "attention_mask", "pixel_mask")
 
 
 @dataclass
-class RetrievalDataConfig:
-    shapes: Optional[ShapesWorldConfig] = None  # set: the built-in world's files
+class RetrievalDataConfig(TaskDataConfig):
     # ALBEF JSON ({image, caption, image_id}) or Karpathy-split Arrow files (image, caption)
     train_files: List[str] = field(default_factory=list)
     val_files: List[str] = field(default_factory=list)
     test_files: List[str] = field(default_factory=list)
-    image_root: str = ""
-    tokenizer: str = "bert-base-uncased"
-    max_tokens: int = 40
-    max_words: int = 40
     num_negatives: int = 15  # ViLT's draw_false_text
-    image: ImageConfig = field(default_factory=ImageConfig)
-    skip_bad_samples: bool = False
 
 
 @dataclass
-class RetrievalTaskConfig(MethodsConfig):
-    model: Dict[str, Any] = field(default_factory=dict)
-    init: InitConfig = field(default_factory=InitConfig)
+class RetrievalTaskConfig(TaskConfig):
     data: RetrievalDataConfig = field(default_factory=RetrievalDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/retrieval"
 
 

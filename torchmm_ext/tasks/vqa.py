@@ -21,8 +21,8 @@ from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import AnswerVocab, ClassifierVQACollator, ClassifierVQADataset, is_arrow
 from torchmm_ext.engine import all_gather_object, autocast_context, cleanup, config_to_dict, get_logger, is_main_process
-from torchmm_ext.engine.efficiency import MethodsConfig, prepare_model
-from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
+from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
 from torchmm_ext.engine.distributed import all_reduce_sum
@@ -30,11 +30,9 @@ from torchmm_ext.evaluation.vqa import vqa_accuracy
 from torchmm_ext.tasks.common import (
     build_transforms,
     CheckpointAdapter,
-    EvalConfig,
-    ImageConfig,
-    InitConfig,
     model_inputs,
-    ShapesWorldConfig,
+    TaskConfig,
+    TaskDataConfig,
 )
 
 __all__ = ["ClassifierVQAConfig", "VQADataConfig", "run_classifier_vqa", "vqa_scores"]
@@ -44,28 +42,17 @@ INPUTS = ("images", "input_ids", "attention_mask", "pixel_mask", "targets")
 
 
 @dataclass
-class VQADataConfig:
-    shapes: Optional[ShapesWorldConfig] = None  # set: the built-in world's files
+class VQADataConfig(TaskDataConfig):
     # ALBEF JSON ({image, question, answer: [str], question_id}) or ViLT/METER Arrow files
     train_files: List[str] = field(default_factory=list)
     val_files: List[str] = field(default_factory=list)
     test_files: List[str] = field(default_factory=list)
     answer_list: str = ""  # JSON answer list; empty with Arrow files: their labels
-    image_root: str = ""  # root of JSON image paths
-    tokenizer: str = "bert-base-uncased"  # "shapes", a tokenizer directory or a hub name
-    max_tokens: int = 40
-    max_words: int = 40
-    image: ImageConfig = field(default_factory=ImageConfig)
-    skip_bad_samples: bool = False
 
 
 @dataclass
-class ClassifierVQAConfig(MethodsConfig):
-    model: Dict[str, Any] = field(default_factory=dict)  # the builder's kwargs
-    init: InitConfig = field(default_factory=InitConfig)
+class ClassifierVQAConfig(TaskConfig):
     data: VQADataConfig = field(default_factory=VQADataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/vqa"
 
 

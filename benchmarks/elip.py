@@ -16,6 +16,11 @@ and for each
 * **peak memory**: on CUDA the allocator's peak; on the CPU the process's peak RSS, each
   configuration in a fresh subprocess, with the part above the model + optimizer floor (RSS
   after building, plus gradients and two AdamW moments: 3 x the trainable parameter bytes);
+* **activation memory**: the bytes autograd keeps for the backward pass at the end of the
+  training forward (unique storages of the saved tensors, parameters excluded), at the batch
+  and at half of it; the difference gives the bytes per pair, hence the **largest batch** whose
+  activations, with fp32 weights, gradients and AdamW moments, fit ``--budget-gib``. This is
+  the device-independent part of the peak: on the CPU the RSS is too coarse to show it;
 * **image encoding images/s**: ``encode_image`` in eval mode (pruned by the image CLS);
 * **ITM re-rank pairs/s**: fusion encoder + ITM head on ``batch x k`` pairs over the encoded
   (pruned) image tokens, as in retrieval evaluation.
@@ -63,6 +68,30 @@ def _rss_mib() -> float:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def saved_activation_mib(forward, model: torch.nn.Module) -> float:
+    """MiB of activations autograd keeps for backward while ``forward()`` runs.
+
+    Every tensor saved for backward passes through a ``saved_tensors_hooks`` pack hook; its
+    storage is counted once (views share one), parameters and buffers are not counted (the
+    autocast copies of weights are: they live as long as the activations). The saved tensors
+    stay referenced until backward, so storages are unique while we count. The forward's
+    output is dropped afterwards, which frees the graph.
+    """
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in static:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    del out
+    return sum(saved.values()) / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -117,6 +146,15 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         lambda m, a: lengths.append(a[0].shape[1]) if torch.is_grad_enabled() else None)
         for blk in model.vision_encoder.blocks]
 
+    def forward(n: int) -> torch.Tensor:
+        with amp():
+            return model(images[:n], ids[:n], mask[:n], alpha=0.4).loss
+
+    model.train()
+    activation_mib = saved_activation_mib(lambda: forward(b), model)
+    half_activation_mib = saved_activation_mib(lambda: forward(max(b // 2, 1)), model) if b > 1 else None
+    lengths.clear()
+
     def step() -> None:
         with amp():
             loss = model(images, ids, mask, alpha=0.4).loss
@@ -154,7 +192,19 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         rerank_pairs_per_s=b * k / statistics.median(rerank_times),
         peak_mib=peak_mib, floor_mib=floor,
         above_floor_mib=None if floor is None else peak_mib - floor,
+        activation_mib=activation_mib, half_batch_activation_mib=half_activation_mib,
+        param_mib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        trainable_mib=trainable_mib,
     )
+
+
+def largest_batch(result: Dict[str, Any], batch: int, budget_gib: float) -> int:
+    """Largest batch whose activations fit ``budget_gib`` next to the fp32 weights, their
+    gradients and AdamW's two moments (activations linear in the batch, from two batches)."""
+    per_pair = (result["activation_mib"] - result["half_batch_activation_mib"]) / (batch - max(batch // 2, 1))
+    fixed = result["activation_mib"] - per_pair * batch  # batch-independent part (e.g. the queue's use)
+    states = result["param_mib"] + 3 * result["trainable_mib"]
+    return int((budget_gib * 1024 - states - fixed) // per_pair)
 
 
 def main() -> None:
@@ -170,6 +220,8 @@ def main() -> None:
     parser.add_argument("--begin-layers", type=int, nargs="+", default=[2, 4, 10])
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.9, 0.65, 0.4])
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--budget-gib", type=float, default=80.0,
+                        help="memory budget for the largest-batch column (default: one 80 GB GPU)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
@@ -199,8 +251,9 @@ def main() -> None:
           f"{args.precision}, {args.device} ({cpu}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads), {args.rounds} timed rounds after {args.warmup} warm-up")
     memory = "peak MiB (CUDA allocator)" if args.device.startswith("cuda") else "peak RSS MiB (above floor)"
-    print(f"| config | tokens per layer | step pairs/s | {memory} | encode images/s | re-rank pairs/s |")
-    print("|---|---|---|---|---|---|")
+    print(f"| config | tokens per layer | step pairs/s | {memory} | activations MiB | "
+          f"largest batch in {args.budget_gib:g} GiB | encode images/s | re-rank pairs/s |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         def ratio(key: str) -> str:
             return f" ({r[key] / base[key]:.2f}x)" if base and name != "unpruned" else ""
@@ -211,9 +264,18 @@ def main() -> None:
             key = "above_floor_mib" if r["above_floor_mib"] is not None else "peak_mib"
             change = 100 * (1 - r[key] / base[key])
             mem += f", {abs(change):.0f}% {'lower' if change >= 0 else 'higher'}"
+        act = f"{r['activation_mib']:.0f}"
+        if base and name != "unpruned":
+            act += f", {100 * (1 - r['activation_mib'] / base['activation_mib']):.0f}% lower"
+        fits = largest_batch(r, args.batch, args.budget_gib) if r["half_batch_activation_mib"] is not None else None
+        if fits is not None and base and name != "unpruned":
+            fits_str = f"{fits} ({fits / largest_batch(base, args.batch, args.budget_gib):.2f}x)"
+        else:
+            fits_str = str(fits)
         tokens = r["tokens_per_layer"]
         print(f"| {name} | {tokens} (mean {statistics.mean(tokens):.0f}) | {r['step_pairs_per_s']:.3f}"
-              f"{ratio('step_pairs_per_s')} | {mem} | {r['encode_images_per_s']:.2f}{ratio('encode_images_per_s')}"
+              f"{ratio('step_pairs_per_s')} | {mem} | {act} | {fits_str} "
+              f"| {r['encode_images_per_s']:.2f}{ratio('encode_images_per_s')}"
               f" | {r['rerank_pairs_per_s']:.1f}{ratio('rerank_pairs_per_s')} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ Any config key can be overridden: ``--opts train.lr=2e-5 eval.k_test=64``.
 """
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -148,11 +149,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         ``itm_r_mean``) and ITM + ITC (LAVIS, ``itm_itc_r_mean``)."""
         dataset = eval_sets[split]
         loader = build_eval_dataloader(dataset, cfg.eval.batch_size, cfg.train.num_workers)
+        start = time.perf_counter()
         scores = evaluate_retrieval(
             model, loader, dataset, tokenizer, device=dist.device, k_test=cfg.eval.k_test,
             itm_batch_size=cfg.eval.itm_batch_size, max_length=data.max_tokens, add_itc=False,
             precision_ctx=lambda: autocast_context(dist.device, cfg.train.precision),
         )
+        eval_seconds = time.perf_counter() - start
         rankings = {
             "itc": (scores.sims, scores.sims.T),
             "itm": (scores.scores_i2t, scores.scores_t2i),
@@ -164,6 +167,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
                    for name, (i2t, t2i) in rankings.items()}
         metrics = dict(recalls["itm_itc" if cfg.eval.add_itc else "itm"])
         metrics.update({f"{name}_r_mean": r["r_mean"] for name, r in recalls.items()})
+        metrics["eval_seconds"] = eval_seconds  # encoding, ITC and the ITM re-rank (wall time)
         return metrics
 
     # --- train ---

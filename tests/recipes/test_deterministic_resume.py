@@ -85,6 +85,8 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(shapes_cache, tmp_pa
     for part in ("model", "optimizer", "scheduler"):
         _assert_same_tensors(expected[part], resumed[part], part)
     results = [json.loads((d / "results.json").read_text()) for d in (uninterrupted, killed)]
+    for split_metrics in (m for r in results for m in r.values()):
+        split_metrics.pop("eval_seconds")  # wall time: the only figure allowed to differ
     assert results[0] == results[1]
 
 

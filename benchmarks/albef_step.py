@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
 
+from torchmm_ext.engine.flops import flop_counter, peak_tflops
+
 VOCAB_SIZE = 30522
 CLS_ID, SEP_ID, PAD_ID = 101, 102, 0
 HIDDEN = 768
@@ -188,10 +190,12 @@ def make_sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
-def summarize(times: List[float], pairs: int) -> Dict[str, float]:
+def summarize(times: List[float], pairs: int, flops: Optional[int] = None) -> Dict[str, Any]:
     median = statistics.median(times)
     mean = statistics.fmean(times)
     return {
+        "flops_per_iter": flops,
+        "tflops_per_s": None if flops is None else flops / median / 1e12,
         "median_s": median,
         "mean_s": mean,
         "min_s": min(times),
@@ -233,6 +237,7 @@ class Config:
         self.cleanup = cleanup
         self.times: List[float] = []
         self.results: List[Any] = []
+        self.flops: Optional[int] = None  # per iteration, counted in the first warm-up round
 
 
 def train_config(
@@ -278,7 +283,7 @@ def finish_train(cfg: Config) -> Dict[str, Any]:
     losses = {k: [float(r[k]) for r in cfg.results] for k in cfg.results[0]}
     finite = all(math.isfinite(v) for vals in losses.values() for v in vals)
     return {**cfg.row, "times_s": cfg.times, "losses": losses, "finite": finite,
-            **summarize(cfg.times, cfg.row["pairs_per_iter"])}
+            **summarize(cfg.times, cfg.row["pairs_per_iter"], cfg.flops)}
 
 
 def run_round_robin(
@@ -288,11 +293,23 @@ def run_round_robin(
     """Run ``warmup + steps`` rounds, each running one iteration of every config in turn.
 
     Interleaving (rather than running each config's iterations back to back) exposes every
-    configuration to the same background load, which matters on a shared machine.
+    configuration to the same background load, which matters on a shared machine. The FLOPs
+    of one iteration are counted in the first (untimed) round, or in an extra untimed call
+    when there is no warm-up.
     """
+    if warmup == 0:
+        for cfg in configs:
+            with flop_counter() as counter:
+                cfg.fn()
+            cfg.flops = counter.get_total_flops()
     for r in range(warmup + steps):
         t_round = time.perf_counter()
         for cfg in configs:
+            if cfg.flops is None:
+                with flop_counter() as counter:
+                    cfg.fn()
+                cfg.flops = counter.get_total_flops()
+                continue
             sync()
             t0 = time.perf_counter()
             out = cfg.fn()
@@ -408,7 +425,7 @@ def rerank_config(
 def finish_rerank(cfg: Config) -> Dict[str, Any]:
     scores = cfg.results[-1].float()
     return {**cfg.row, "times_s": cfg.times, "finite": bool(torch.isfinite(scores).all()),
-            "score_shape": list(scores.shape), **summarize(cfg.times, cfg.row["pairs_per_iter"])}
+            "score_shape": list(scores.shape), **summarize(cfg.times, cfg.row["pairs_per_iter"], cfg.flops)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,11 +477,15 @@ def best(rows: List[Dict[str, Any]], task: str, impl: str) -> Optional[Dict[str,
     return max(cands, key=lambda r: r["pairs_per_s"]) if cands else None
 
 
+# Targets (ours / theirs-best) per device type: issue 14.
+TARGETS = {"cpu": {"train": 3.0, "rerank": 2.0}, "cuda": {"train": 2.5, "rerank": 3.0}}
+
+
 def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lines = [
         "| task | impl | precision | variant | pairs/iter | median ms/iter | pairs/s (median) "
-        "| pairs/s (mean) | finite | ours / theirs-best |",
-        "|---|---|---|---|---:|---:|---:|---:|:-:|---:|",
+        "| pairs/s (mean) | GFLOP/iter | TFLOP/s | MFU | finite | ours / theirs-best |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|",
     ]
     for r in rows:
         ref = best(rows, r["task"], "theirs")
@@ -473,13 +494,23 @@ def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             if ref is not None and r["impl"] == "ours"
             else ""
         )
+        peak = meta["peak_tflops"].get(r["precision"])
+        mfu = f"{100 * r['tflops_per_s'] / peak:.1f}%" if peak and r["tflops_per_s"] else "-"
+        flops = f"{r['flops_per_iter'] / 1e9:.1f}" if r["flops_per_iter"] else "-"
+        tflops = f"{r['tflops_per_s']:.3f}" if r["tflops_per_s"] else "-"
         lines.append(
             f"| {r['task']} | {r['impl']} | {r['precision']} | {r['variant']} | "
             f"{r['pairs_per_iter']} | {1000 * r['median_s']:.0f} | {r['pairs_per_s']:.3f} | "
-            f"{r['pairs_per_s_mean']:.3f} | {'yes' if r['finite'] else 'NO'} | {ratio} |"
+            f"{r['pairs_per_s_mean']:.3f} | {flops} | {tflops} | {mfu} | "
+            f"{'yes' if r['finite'] else 'NO'} | {ratio} |"
         )
     lines.append("")
-    for task, target in (("train", 2.0), ("rerank", 3.0)):
+    if not any(meta["peak_tflops"].values()):
+        lines.append("MFU: no peak known for this device (CPUs are not in the table of "
+                     "`torchmm_ext.engine.flops.peak_tflops`); TFLOP/s are absolute.")
+        lines.append("")
+    targets = TARGETS["cuda" if meta["device"].startswith("cuda") else "cpu"]
+    for task, target in targets.items():
         ob, tb = best(rows, task, "ours"), best(rows, task, "theirs")
         if ob is None or tb is None:
             continue
@@ -600,6 +631,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "warmup": args.warmup,
         "precisions": args.precisions,
         "loadavg_before": load_average(),
+        # dense peaks for the MFU column; fp32 on a GPU may run as TF32 when matmul precision allows
+        "peak_tflops": {prec: peak_tflops(device, "tf32" if prec == "fp32" and
+                                          torch.backends.cuda.matmul.allow_tf32 else prec)
+                        for prec in args.precisions},
     }
     try:
         import torchmultimodal  # noqa: F401
@@ -634,8 +669,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra = ""
         if "losses" in row:
             extra = "  loss=" + ", ".join(f"{k}={v[-1]:.4f}" for k, v in row["losses"].items())
+        flops = "" if row["flops_per_iter"] is None else (
+            f"  {row['flops_per_iter'] / 1e9:.1f} GFLOP  {row['tflops_per_s']:.3f} TFLOP/s")
         print(f"  {row['task']:6s} {row['impl']:6s} {row['precision']:4s} {row['variant']:15s} "
-              f"median {1000 * row['median_s']:8.1f} ms  {row['pairs_per_s']:8.3f} pairs/s  "
+              f"median {1000 * row['median_s']:8.1f} ms  {row['pairs_per_s']:8.3f} pairs/s{flops}  "
               f"finite={row['finite']}{extra}", flush=True)
 
     sync = make_sync(device)

@@ -34,11 +34,11 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import BertConfig, CLIPVisionConfig, CLIPVisionModel, RobertaConfig, RobertaModel
 from transformers.models.bert.modeling_bert import BertLayer
 
 from torchmm_ext.checkpoints import load_pretrained
+from torchmm_ext.engine.flops import flop_counter
 from torchmm_ext.checkpoints.meter import torchmm_ext_to_meter
 from torchmm_ext.models.meter import meter_model_for_vqa, vqa_soft_bce
 
@@ -142,7 +142,7 @@ def inputs(batch: int, image_size: int, length: int, device: torch.device, seed:
 
 def flops_by_part(model: nn.Module, batch: List[Tensor]) -> Dict[str, float]:
     """GFLOPs of one forward of ours, by module."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         model(*batch[:3])
     counts = counter.get_flop_counts()

@@ -10,6 +10,7 @@ from torchmm_ext.modules.efficiency import applied_methods
 from torchmm_ext.modules.token_pruning import (
     apply_token_pruning,
     keep_count,
+    keep_ratio_at,
     merge_tokens,
     pruned_sequence_lengths,
     select_tokens,
@@ -204,6 +205,9 @@ class Wrapper(nn.Module):
     (dict(begin_layers=[1, 2], keep_ratios=[0.5, 0.75]), r"keep_ratios=\[0.5, 0.75\] must not increase"),
     (dict(begin_layers=[1], keep_ratios=[0.05]), r"keep_ratios=\[0.05\]: 0.05 of the ViT's 16 patches keeps 0"),
     (dict(begin_layers=[1], keep_ratios=[0.5], guidance_weight=1.5), r"guidance_weight=1.5 must be"),
+    (dict(begin_layers=[1], keep_ratios=[0.5], keep_warmup=[3, 1]), r"keep_warmup=\[3, 1\] must be \[start, end\]"),
+    (dict(begin_layers=[1], keep_ratios=[0.5], keep_warmup=[1]), r"keep_warmup=\[1\] must be"),
+    (dict(begin_layers=[1], keep_ratios=[0.5], keep_warmup=2), r"keep_warmup=2 must be"),
 ])
 def test_bad_schedules_name_the_key_and_value(kwargs, message):
     encoder = vit(depth=4)
@@ -224,3 +228,62 @@ def test_models_without_text_guidance_and_momentum_need_the_right_settings():
     assert model.backbone(torch.randn(1, 3, 32, 32)).last_hidden_state.shape == (1, 10, 16)
     with pytest.raises(ValueError, match="already has token reducers"):
         apply_token_pruning(model, [1], [0.5], guidance_weight=0.0)
+
+
+def test_keep_ratio_warmup_follows_evits_cosine():
+    assert keep_ratio_at(0.4, 0.99, (1, 3)) == 1.0
+    assert keep_ratio_at(0.4, 1.0, (1, 3)) == pytest.approx(1.0)
+    assert keep_ratio_at(0.4, 2.0, (1, 3)) == pytest.approx(0.7)  # half-way: cos(pi / 2) = 0
+    assert keep_ratio_at(0.4, 1.5, (1, 3)) == pytest.approx(0.4 + 0.6 * (1 + 2 ** -0.5) / 2)
+    assert keep_ratio_at(0.4, 3.0, (1, 3)) == keep_ratio_at(0.4, 9.0, (1, 3)) == 0.4
+    assert keep_ratio_at(0.4, 0.0, None) == 0.4
+
+
+def test_keep_warmup_keeps_every_token_then_reaches_the_schedule():
+    from torchmm_ext.engine import StepContext
+
+    plain, pruned = vit(depth=4), vit(depth=4)
+    apply_token_pruning(pruned, [1, 2, 3], [0.9, 0.65, 0.4], keep_warmup=[1, 3])
+    assert applied_methods(pruned)["token_pruning"]["keep_warmup"] == [1.0, 3.0]
+    reducers = [pruned.token_reducers[k] for k in sorted(pruned.token_reducers, key=int)]
+    assert [r.num_keep for r in reducers] == [14, 10, 6]  # outside training: the schedule's
+    images, guidance = torch.randn(2, 3, 32, 32), torch.randn(2, 16)
+
+    def step(epoch, step_in_epoch, steps=10):
+        for r in reducers:
+            r.before_train_step(StepContext(epoch, step_in_epoch, steps, epoch * steps + step_in_epoch))
+        return [r.num_keep for r in reducers]
+
+    plain.train(), pruned.train()
+    assert step(0, 5) == [16, 16, 16]  # before the warm-up: the unpruned model exactly
+    assert torch.equal(plain(images).last_hidden_state, pruned(images, guidance=guidance).last_hidden_state)
+    # Half-way (epoch 2.0): ratios 0.95, 0.825, 0.7 of 16 patches.
+    assert step(2, 0) == [keep_count(16, 0.95), keep_count(16, 0.825), keep_count(16, 0.7)] == [15, 13, 11]
+    assert pruned(images, guidance=guidance).last_hidden_state.shape[1] == 1 + 11 + 1
+    assert step(3, 0) == [14, 10, 6]
+    assert pruned(images, guidance=guidance).last_hidden_state.shape[1] == 1 + 6 + 1
+
+
+def test_training_loop_sets_the_schedule_before_every_step():
+    """``train_one_epoch`` calls ``before_train_step`` of every submodule before the step runs."""
+    from torch.utils.data import TensorDataset
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from torchmm_ext.engine import build_optimizer, StepOutput, train_one_epoch
+
+    encoder = vit(depth=4)
+    apply_token_pruning(encoder, [2], [0.5], guidance_weight=0.0, keep_warmup=[0, 1])
+    model = nn.Sequential(encoder)
+    seen = []
+
+    def step_fn(m, batch, ctx):
+        seen.append((ctx.step_in_epoch, encoder.token_reducers["1"].num_keep))
+        return StepOutput(m(batch[0]).last_hidden_state.mean(), {})
+
+    loader = StatefulDataLoader(TensorDataset(torch.randn(8, 3, 32, 32)), batch_size=2)
+    train_one_epoch(model, loader, build_optimizer(model, lr=1e-3, weight_decay=0.0), None, step_fn,
+                    epoch=0, device=torch.device("cpu"), precision="fp32", grad_clip=None, log_every=10,
+                    metric_logger=None, global_step=0)
+    # 4 steps: epochs 0, 0.25, 0.5, 0.75 of the [0, 1] warm-up, ratio 0.5 + 0.5 (1 + cos(pi t)) / 2.
+    assert seen == [(i, keep_count(16, keep_ratio_at(0.5, i / 4, (0, 1)))) for i in range(4)]
+    assert [k for _, k in seen] == [16, 14, 12, 9]  # 16 x 0.927, 0.75, 0.573

@@ -22,6 +22,7 @@ import torch
 from torch import nn, Tensor
 from tqdm import tqdm
 
+from torchmm_ext.engine.checkpoint import unwrap_model
 from torchmm_ext.engine.distributed import all_reduce_sum, is_main_process
 from torchmm_ext.engine.precision import autocast_context
 
@@ -205,6 +206,10 @@ def train_one_epoch(
     lr = optimizer.param_groups[0]["lr"]
     bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch}",
                disable=not is_main_process(), dynamic_ncols=True, leave=False)
+    # Submodules with a per-step schedule (ELIP's keep-ratio warm-up) set it from each step's
+    # context before the step runs, so a resumed run continues the same schedule.
+    schedules = [m.before_train_step for m in unwrap_model(model).modules()
+                 if callable(getattr(m, "before_train_step", None))]
     step = start_step
     try:
         while step < steps_per_epoch:
@@ -213,6 +218,8 @@ def train_one_epoch(
             except StopIteration:
                 break
             ctx = StepContext(epoch, step, steps_per_epoch, global_step)
+            for schedule in schedules:
+                schedule(ctx)
             batch = move_to_device(batch, device)
             with autocast_context(device, precision):
                 out = step_fn(model, batch, ctx)

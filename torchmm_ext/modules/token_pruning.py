@@ -33,7 +33,12 @@ What differs from the published code, by design:
   are unchanged (230, 166, 102 of 256);
 * ties between scores are broken by position (a stable sort), the published sort by chance;
 * without guidance (evaluation: an image is encoded once for every text) the scores use the
-  image CLS alone; in training a missing guidance is an error when ``guidance_weight > 0``.
+  image CLS alone; in training a missing guidance is an error when ``guidance_weight > 0``;
+* ``keep_warmup=(start, end)`` (not in ELIP, which starts from a pre-trained DeiT whose CLS
+  attention already means something) keeps every token until epoch ``start`` and lowers the
+  keep ratios to the schedule's along a cosine until epoch ``end``, EViT's keep-rate warm-up
+  (Liang et al., ICLR 2022). From random weights the CLS attention is noise, and pruning by it
+  from the first step delays learning (measured on the shapes world: README, ELIP).
 """
 
 import math
@@ -52,6 +57,7 @@ __all__ = [
     "apply_token_pruning",
     "cls_attention_scores",
     "keep_count",
+    "keep_ratio_at",
     "merge_tokens",
     "pruned_sequence_lengths",
     "select_tokens",
@@ -161,6 +167,20 @@ def cls_attention_scores(
     return probs.mean(dim=1)[:, 0, 1:].float()
 
 
+def keep_ratio_at(keep_ratio: float, epoch: float, keep_warmup: Optional[Sequence[float]]) -> float:
+    """The keep ratio in force at (fractional) training ``epoch`` under ``keep_warmup``:
+    1.0 before ``start``, ``keep_ratio`` from ``end`` on, and in between EViT's cosine
+    ``keep_ratio + (1 - keep_ratio) * (1 + cos(pi * (epoch - start) / (end - start))) / 2``."""
+    if keep_warmup is None:
+        return keep_ratio
+    start, end = keep_warmup
+    if epoch < start:
+        return 1.0
+    if epoch >= end:
+        return keep_ratio
+    return keep_ratio + (1.0 - keep_ratio) * 0.5 * (1.0 + math.cos(math.pi * (epoch - start) / (end - start)))
+
+
 class TextGuidedTokenMerger(nn.Module):
     """ELIP's prune point, a token reducer for ``VisionTransformer.set_token_reducer``.
 
@@ -175,6 +195,12 @@ class TextGuidedTokenMerger(nn.Module):
             attention of the block that just ran (cheaper, not in the paper).
         eval_pruning (bool): also prune in eval mode (``False``: all tokens at evaluation, as
             the published code evaluates).
+        keep_warmup (Optional[Tuple[float, float]]): ``(start, end)`` epochs of the keep-ratio
+            warm-up (:func:`keep_ratio_at`); the training loop calls :meth:`before_train_step`
+            before every step, which sets ``num_keep`` for that step (and for evaluations
+            between steps). Outside training ``num_keep`` is the schedule's.
+        num_patches (Optional[int]): the ViT's patch count, needed with ``keep_warmup``.
+        keep_ratio (Optional[float]): this point's ratio of ``num_patches``, with ``keep_warmup``.
 
     Inputs:
         tokens (Tensor): ``[B, 1 + N, D]`` output of block ``layer_idx``.
@@ -191,9 +217,17 @@ class TextGuidedTokenMerger(nn.Module):
         guidance_weight: float = 0.2,
         lookahead: bool = True,
         eval_pruning: bool = True,
+        keep_warmup: Optional[Tuple[float, float]] = None,
+        num_patches: Optional[int] = None,
+        keep_ratio: Optional[float] = None,
     ) -> None:
         super().__init__()
+        if keep_warmup is not None and (num_patches is None or keep_ratio is None):
+            raise ValueError("keep_warmup needs num_patches and keep_ratio")
         self.num_keep = num_keep
+        self.keep_warmup = keep_warmup
+        self.num_patches = num_patches
+        self.keep_ratio = keep_ratio
         self.stage_end = stage_end
         self.guidance_weight = guidance_weight
         self.lookahead = lookahead
@@ -201,7 +235,16 @@ class TextGuidedTokenMerger(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_keep={self.num_keep}, stage_end={self.stage_end}, guidance_weight="
-                f"{self.guidance_weight}, lookahead={self.lookahead}, eval_pruning={self.eval_pruning}")
+                f"{self.guidance_weight}, lookahead={self.lookahead}, eval_pruning={self.eval_pruning}"
+                + (f", keep_warmup={self.keep_warmup}" if self.keep_warmup else ""))
+
+    def before_train_step(self, ctx: Any) -> None:
+        """Set this step's keep count from the warm-up (the training loop calls this with its
+        ``StepContext`` before every step, so a resumed run continues the same schedule)."""
+        if self.keep_warmup is None:
+            return
+        epoch = ctx.epoch + ctx.step_in_epoch / max(ctx.steps_per_epoch, 1)
+        self.num_keep = keep_count(self.num_patches, keep_ratio_at(self.keep_ratio, epoch, self.keep_warmup))
 
     def scores(self, tokens: Tensor, context: TokenReductionContext) -> Tensor:
         """``[B, N]`` importance of the non-CLS tokens of ``tokens`` (no gradient)."""
@@ -253,6 +296,7 @@ class TokenPruningReport(NamedTuple):
         tokens_per_layer (List[int]): sequence length entering each block.
         lookahead (bool): scores from the coming stage (``False``: from the block that ran).
         guidance_weight (float): weight of the text CLS in the scoring CLS.
+        keep_warmup (Optional[List[float]]): ``[start, end]`` epochs of the keep-ratio warm-up.
     """
 
     encoders: List[str]
@@ -261,6 +305,7 @@ class TokenPruningReport(NamedTuple):
     tokens_per_layer: List[int]
     lookahead: bool
     guidance_weight: float
+    keep_warmup: Optional[List[float]] = None
 
     @property
     def token_fraction(self) -> float:
@@ -272,7 +317,9 @@ class TokenPruningReport(NamedTuple):
         return (f"token pruning (ELIP) on {names}: before blocks {self.begin_layers} keep "
                 f"{self.keep_counts} patches (+ CLS + merged); tokens per layer "
                 f"{self.tokens_per_layer} ({100 * self.token_fraction:.1f}% of unpruned on average); "
-                f"lookahead={self.lookahead}, guidance_weight={self.guidance_weight}")
+                f"lookahead={self.lookahead}, guidance_weight={self.guidance_weight}"
+                + (f"; every token kept until epoch {self.keep_warmup[0]:g}, the schedule reached at "
+                   f"epoch {self.keep_warmup[1]:g} (keep-ratio warm-up)" if self.keep_warmup else ""))
 
 
 def _is_prunable(module: Any) -> bool:
@@ -353,6 +400,7 @@ def apply_token_pruning(
     lookahead: bool = True,
     prune_momentum: bool = False,
     eval_pruning: bool = True,
+    keep_warmup: Optional[Sequence[float]] = None,
     groups: GroupSpec = "vision",
 ) -> TokenPruningReport:
     """Install ELIP's text-guided token pruning and merging on a model's ViT.
@@ -373,6 +421,10 @@ def apply_token_pruning(
             momentum text CLS. The published code keeps all its tokens (default).
         eval_pruning (bool): prune in eval mode too, scored by the image CLS (default; an image
             is encoded once for every text). ``False`` evaluates with all tokens.
+        keep_warmup (Optional[Sequence[float]]): ``[start, end]`` epochs: every token is kept
+            before ``start``, the keep ratios fall to ``keep_ratios`` along a cosine until
+            ``end`` (EViT's keep-rate warm-up; not in ELIP, which starts from a pre-trained
+            ViT). Driven by the training loop; ``None`` prunes from the first step.
         groups (GroupSpec): the ViT's block list (:func:`resolve_block_groups`; default the
             model's ``vision`` group, or its only ViT when it has no ``block_groups()``).
 
@@ -388,6 +440,14 @@ def apply_token_pruning(
     depth = len(encoder.blocks)
     counts = _check_schedule(begin_layers, keep_ratios, depth, encoder.num_patches, guidance_weight)
     begin_layers = [int(b) for b in begin_layers]
+    if keep_warmup is not None:
+        warmup = list(keep_warmup) if isinstance(keep_warmup, (list, tuple)) else None
+        if warmup is None or len(warmup) != 2 or any(
+                isinstance(e, bool) or not isinstance(e, (int, float)) for e in warmup) \
+                or not 0 <= warmup[0] <= warmup[1]:
+            raise ValueError(f"{_KEY}.keep_warmup={keep_warmup!r} must be [start, end] epochs with "
+                             "0 <= start <= end")
+        keep_warmup = (float(warmup[0]), float(warmup[1]))
     if guidance_weight > 0 and encoder is not model and not getattr(model, "passes_vision_guidance", False):
         raise ValueError(
             f"{_KEY}.guidance_weight={guidance_weight}: {type(model).__name__} does not pass text "
@@ -416,14 +476,17 @@ def apply_token_pruning(
                              f"{sorted(int(k) for k in vit.token_reducers)}")
     for _, vit in targets:
         ends = begin_layers[1:] + [depth]
-        for begin, end, num_keep in zip(begin_layers, ends, counts):
+        for begin, end, num_keep, ratio in zip(begin_layers, ends, counts, keep_ratios):
             vit.set_token_reducer(begin - 1, TextGuidedTokenMerger(
-                num_keep, end, float(guidance_weight), bool(lookahead), bool(eval_pruning)))
+                num_keep, end, float(guidance_weight), bool(lookahead), bool(eval_pruning),
+                keep_warmup, vit.num_patches, float(ratio)))
     settings: Dict[str, Any] = dict(
         begin_layers=begin_layers, keep_ratios=[float(r) for r in keep_ratios],
         guidance_weight=float(guidance_weight), lookahead=bool(lookahead),
         prune_momentum=bool(prune_momentum), eval_pruning=bool(eval_pruning),
     )
+    if keep_warmup is not None:
+        settings["keep_warmup"] = list(keep_warmup)
     if groups != "vision":
         settings["groups"] = groups if isinstance(groups, str) else (dict(groups) if hasattr(groups, "items") else list(groups))
     record_method(model, _KEY, settings)
@@ -434,4 +497,5 @@ def apply_token_pruning(
         tokens_per_layer=pruned_sequence_lengths(encoder.num_patches, depth, begin_layers, counts),
         lookahead=bool(lookahead),
         guidance_weight=float(guidance_weight),
+        keep_warmup=None if keep_warmup is None else list(keep_warmup),
     )

@@ -59,6 +59,9 @@ class TrainConfig:
             :func:`~torchmm_ext.engine.distributed.use_deterministic_training`): two runs, or a
             run killed and resumed with ``--resume``, give identical weights and metrics.
             ``precision: auto`` then means fp32; ``bf16`` is a config error.
+        find_unused_parameters (Optional[bool]): DDP's ``find_unused_parameters`` under
+            torchrun (:func:`~torchmm_ext.engine.distributed.wrap_ddp`); None: on when a method
+            leaves parameters without gradient on some steps (a DAS search), off otherwise.
     """
 
     epochs: int = 5
@@ -78,6 +81,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_mult: Dict[str, float] = field(default_factory=dict)
     deterministic: bool = False
+    find_unused_parameters: Optional[bool] = None
 
 
 def fit(

@@ -103,9 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     steps = [f"train.max_steps_per_epoch={search['max_steps_per_epoch']}"] if search.get("max_steps_per_epoch") else []
     recipe.main(with_overrides(
         ["--config", str(args.config), "--output-dir", str(output_dir), "--opts", *args.opts], args.config,
-        first=[f"train.eval_every={epochs}"],
+        first=[f"train.eval_every={epochs}", *steps],  # an explicit --opts train.max_steps_per_epoch wins
         last=["das.skip=null", "das.skip_from=null", f"das.search.output={output_dir / 'skip.json'}",
-              f"train.epochs={epochs}", *steps],
+              f"train.epochs={epochs}"],
     ))
     result = json.loads((output_dir / "skip.json").read_text())
     plot_gates(result, output_dir / "gates.png")

@@ -61,8 +61,8 @@ class DASSearchConfig:
         epochs (Optional[int]): training epochs of a search run (``examples/das/search.py`` sets
             ``train.epochs`` to it; published: 3, the first a warm-up).
         max_steps_per_epoch (Optional[int]): training steps per search epoch
-            (``examples/das/search.py`` sets ``train.max_steps_per_epoch`` to it; published:
-            whole epochs). With ``das_turn`` it fixes the number of rounds:
+            (``examples/das/search.py`` sets ``train.max_steps_per_epoch`` to it unless the
+            command line sets that; published: whole epochs). With ``das_turn`` it fixes the number of rounds:
             ``(epochs - warmup_epochs) * max_steps_per_epoch // das_turn``.
     """
 

@@ -292,3 +292,19 @@ def test_search_under_ddp_finds_unused_parameters_and_keeps_ranks_in_step():
     from testing_utils import free_port
 
     mp.spawn(_ddp_search_worker, args=(free_port(),), nprocs=2, join=True)
+
+
+def test_a_search_without_step_hooks_is_an_error(tmp_path):
+    """A recipe that does not collect method_step_hooks would train one random skip set and
+    never update the gates: fit refuses to start."""
+    from torchmm_ext.engine import ConfigError
+    from torchmm_ext.engine.fit import fit, TrainConfig
+
+    model = PlantedModel()
+    apply_das(model, search={"skip_num": 1}, adapter_dim=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ConfigError, match=r"das_search \(das\) acts after every training step, but this recipe "
+                                          r"passes no step_hooks: .*method_step_hooks"):
+        fit(model=model, loader=tiny_loader(0), optimizer=optimizer, scheduler=None, step_fn=step_fn,
+            train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"), output_dir=tmp_path, config_dict={})
+    assert not any(tmp_path.iterdir())  # nothing trained or written

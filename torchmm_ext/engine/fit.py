@@ -21,6 +21,7 @@ from torchmm_ext.engine.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from torchmm_ext.engine.config import ConfigError
 from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
@@ -129,7 +130,18 @@ def fit(
 
     Returns:
         Optional[float]: the best validation metric (None without ``evaluate_fn``).
+
+    Raises:
+        ConfigError: the model has a method that acts during training (the DAS search) and no
+            ``step_hooks`` drive it.
     """
+    driven = [name for name, m in unwrap_model(model).named_modules() if callable(getattr(m, "make_step_hook", None))]
+    if driven and not step_hooks:  # e.g. das.search in a recipe that does not collect the hooks
+        raise ConfigError(
+            f"{driven[0]} ({', '.join(applied_methods(model)) or 'a method'}) acts after every training step, "
+            "but this recipe passes no step_hooks: collect them with "
+            "torchmm_ext.engine.efficiency.method_step_hooks(...) and pass them to fit/train_and_reload_best"
+        )
     start_epoch, start_step, global_step, best = 0, 0, 0, None
     resume_path = resolve_resume_path(resume, output_dir)
     if resume_path is not None:

@@ -104,5 +104,5 @@ def test_retrieval_search_scores_val_caption_pairs(shapes_cache, tmp_path):
                           "--output-dir", str(tmp_path), "--opts", *world, *SMALL, "eval.k_test=4",
                           "das.search.epochs=2", "das.search.das_turn=3", "das.search.skip_num=1",
                           "train.max_steps_per_epoch=6"])
-    assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2 + 2
+    assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2  # ViT + text candidates
     assert len(result["reward_history"]) == 2 and all(len(r["losses"]) == 3 for r in result["reward_history"])

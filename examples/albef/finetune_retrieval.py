@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from torchmm_ext.data.datasets import RetrievalCollator, RetrievalEvalDataset, RetrievalPairs, RetrievalTrainDataset
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
@@ -31,6 +30,7 @@ from torchmm_ext.engine import (
     get_logger,
     StepContext,
     StepOutput,
+    wrap_ddp,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.efficiency import method_step_hooks, MethodsConfig, prepare_model
@@ -141,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)
     prepare_model(model, cfg, checkpoint, log=logger.info)
     model.to(dist.device)
-    ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
+    ddp_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
     def evaluate(split: str) -> Dict[str, float]:
         """Recalls of the configured ranking, plus the ``r_mean`` of all three rankings from

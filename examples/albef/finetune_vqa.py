@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from torchmm_ext.checkpoints import init_answer_decoder
@@ -36,6 +35,7 @@ from torchmm_ext.engine import (
     is_main_process,
     StepContext,
     StepOutput,
+    wrap_ddp,
 )
 from torchmm_ext.engine.fit import train_and_reload_best, TrainConfig
 from torchmm_ext.engine.efficiency import method_step_hooks, MethodsConfig, prepare_model
@@ -152,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     prepare_model(model, cfg, checkpoint, log=logger.info, after_load=init_decoder)
     model.to(dist.device)
-    ddp_model = DistributedDataParallel(model) if dist.is_distributed else model
+    ddp_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
     def evaluate(split: str, result_name: str) -> Dict[str, float]:
         """Answer the split's questions (sharded over ranks), write the result JSON, and score

@@ -100,9 +100,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise ConfigError(f"{args.config} has no das.search section (skip_num, groups, ...): nothing to search")
     output_dir = Path(args.output_dir or f"{cfg.output_dir}_search")
     epochs = search.get("epochs") or 3
+    steps = [f"train.max_steps_per_epoch={search['max_steps_per_epoch']}"] if search.get("max_steps_per_epoch") else []
     recipe.main(with_overrides(
         ["--config", str(args.config), "--output-dir", str(output_dir), "--opts", *args.opts], args.config,
-        first=[f"train.eval_every={epochs}"],
+        first=[f"train.eval_every={epochs}", *steps],  # an explicit --opts train.max_steps_per_epoch wins
         last=["das.skip=null", "das.skip_from=null", f"das.search.output={output_dir / 'skip.json'}",
               f"train.epochs={epochs}"],
     ))

@@ -220,3 +220,91 @@ def test_scoring_albef_retrieval_leaves_its_momentum_copies_and_queue_as_they_we
     assert not torch.equal(model.queue.image_queue, before["queue.image_queue"])
     assert not torch.equal(model.vision_encoder_m.blocks[0].block.attention.input_proj.weight,
                            before["vision_encoder_m.blocks.0.block.attention.input_proj.weight"])
+
+
+def _ddp_search_worker(rank: int, port: int) -> None:
+    import os
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from testing_utils import hide_gpus
+    from torchmm_ext.engine import distributed as D
+
+    hide_gpus()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    info = D.init_distributed(backend="gloo")
+    try:
+        def build():
+            model = PlantedModel()
+            apply_das(model, search={"skip_num": 1, "das_step": 2, "das_turn": 1, "warmup_epochs": 0, "lr": 5.0},
+                      adapter_dim=2)
+            return model
+
+        model = build()
+        train_model = D.wrap_ddp(model, info)  # train.find_unused_parameters: None (automatic)
+        assert isinstance(train_model, DistributedDataParallel) and train_model.find_unused_parameters
+        assert D.wrap_ddp(build(), info, find_unused_parameters=False).find_unused_parameters is False
+        adapters_only = PlantedModel()
+        apply_das(adapters_only, adapter_dim=2)  # a fixed skip list: every adapter trains every step
+        assert D.wrap_ddp(adapters_only, info).find_unused_parameters is False
+
+        torch.manual_seed(1)
+        heldout = [torch.randn(5, 8) for _ in range(10)]
+        hooks = [model.das_search.make_step_hook(heldout, lambda xs: Batch(torch.stack(xs)), 3, "val")]
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loader = tiny_loader(rank, n=8)  # each rank its own batches
+        train_one_epoch(train_model, loader, optimizer, None, step_fn, epoch=0, device=torch.device("cpu"),
+                        precision="fp32", step_hooks=hooks)
+        search = model.das_search
+        assert len(search.reward_history) == 4
+        assert len({tuple(r["skip_sets"][0]) for r in search.reward_history} | {(search.current[0],)}) > 1
+        # every rank drew the same skip sets and scored the same batch: the gates agree, and
+        # DDP kept the trained adapters and heads equal
+        gathered = D.all_gather_no_grad(search.gates[None])
+        torch.testing.assert_close(gathered[0], gathered[1], rtol=0, atol=0)
+        trained = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])
+        both = D.all_gather_no_grad(trained[None])
+        torch.testing.assert_close(both[0], both[1])
+
+        # without the flag DDP refuses the second step (its first skipped candidate's adapters
+        # had no gradient): what the automatic flag is for
+        bare = build()
+        bare_ddp = DistributedDataParallel(bare)
+        opt = torch.optim.SGD([p for p in bare.parameters() if p.requires_grad], lr=0.1)
+        with pytest.raises(RuntimeError, match="find_unused_parameters"):
+            for batch in tiny_loader(rank, n=8):
+                bare.das_search.draw_training_set()
+                opt.zero_grad()
+                bare_ddp(batch.x).backward()
+                opt.step()
+    finally:
+        D.cleanup()
+
+
+def test_search_under_ddp_finds_unused_parameters_and_keeps_ranks_in_step():
+    """Two gloo processes: the recipes' DDP wrapper turns find_unused_parameters on for a DAS
+    search (a skipped candidate's parallel adapters get no gradient), gates stay equal on both
+    ranks; plain DDP fails on the same run."""
+    import torch.multiprocessing as mp
+
+    from testing_utils import free_port
+
+    mp.spawn(_ddp_search_worker, args=(free_port(),), nprocs=2, join=True)
+
+
+def test_a_search_without_step_hooks_is_an_error(tmp_path):
+    """A recipe that does not collect method_step_hooks would train one random skip set and
+    never update the gates: fit refuses to start."""
+    from torchmm_ext.engine import ConfigError
+    from torchmm_ext.engine.fit import fit, TrainConfig
+
+    model = PlantedModel()
+    apply_das(model, search={"skip_num": 1}, adapter_dim=2)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ConfigError, match=r"das_search \(das\) acts after every training step, but this recipe "
+                                          r"passes no step_hooks: .*method_step_hooks"):
+        fit(model=model, loader=tiny_loader(0), optimizer=optimizer, scheduler=None, step_fn=step_fn,
+            train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"), output_dir=tmp_path, config_dict={})
+    assert not any(tmp_path.iterdir())  # nothing trained or written

@@ -42,12 +42,14 @@ def test_vqa_search_then_finetuning_from_its_skip_json(shapes_cache, tmp_path):
     search = load("search")
     result = search.main(["--config", str(DAS / "configs" / "albef_vqa_shapes.yaml"),
                           "--output-dir", str(tmp_path / "search"), "--opts", *world, *VQA,
-                          "das.search.epochs=2", "das.search.das_turn=2", "das.search.skip_num=2"])
+                          "das.search.epochs=2", "das.search.das_turn=2", "das.search.skip_num=2",
+                          "das.search.max_steps_per_epoch=9"])
     saved = json.loads((tmp_path / "search" / "skip.json").read_text())
     assert saved == result and saved["model"] == "ALBEFForVQA" and saved["skip_num"] == 2
-    # 40 images x 3 questions / 8 = 15 steps an epoch; no rounds in the warm-up epoch 0, then
-    # (the step count kept running, as published) at epoch 1's steps 1, 3, ..., 15
-    assert len(saved["gate_history"]) == 8 and all(r["epoch"] == 1 for r in saved["reward_history"])
+    # 40 images x 3 questions / 8 = 15 steps an epoch, cut to 9 by das.search.max_steps_per_epoch
+    # (the config's train.max_steps_per_epoch, 50, is the fine-tuning's); no rounds in the warm-up
+    # epoch 0, then (the step count kept running, as published) at epoch 1's steps 1, 3, 5, 7, 9
+    assert len(saved["gate_history"]) == 5 and all(r["epoch"] == 1 for r in saved["reward_history"])
     assert len(saved["gates"]) == 4 + 2 + 2 + 2 and [e["epoch"] for e in saved["epochs"]] == [0, 1]
     chosen = sorted((g, i) for g, v in saved["skip"].items() for i in v)
     assert len(chosen) == 2 and [list(c) for c in chosen] == sorted(
@@ -102,5 +104,5 @@ def test_retrieval_search_scores_val_caption_pairs(shapes_cache, tmp_path):
                           "--output-dir", str(tmp_path), "--opts", *world, *SMALL, "eval.k_test=4",
                           "das.search.epochs=2", "das.search.das_turn=3", "das.search.skip_num=1",
                           "train.max_steps_per_epoch=6"])
-    assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2 + 2
+    assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2  # ViT + text candidates
     assert len(result["reward_history"]) == 2 and all(len(r["losses"]) == 3 for r in result["reward_history"])

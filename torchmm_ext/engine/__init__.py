@@ -43,7 +43,9 @@ from torchmm_ext.engine.distributed import (
     get_world_size,
     init_distributed,
     is_main_process,
+    leaves_parameters_unused,
     seed_everything,
+    wrap_ddp,
 )
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import (
@@ -71,7 +73,7 @@ __all__ = [
     "DistInfo", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "barrier", "cleanup", "destroy", "all_gather_no_grad", "all_gather_with_grad",
     "all_gather_object", "all_reduce_sum", "all_reduce_mean", "broadcast_object",
-    "seed_everything",
+    "seed_everything", "wrap_ddp", "leaves_parameters_unused",
     # precision
     "autocast_context", "resolve_precision", "cpu_has_fast_bf16",
     # optim

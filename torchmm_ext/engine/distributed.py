@@ -14,7 +14,8 @@ from typing import Any, List, NamedTuple, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import nn, Tensor
+from torch.nn.parallel import DistributedDataParallel
 from torchmultimodal.utils.distributed import BackpropType, concat_gather_all_gpu
 
 
@@ -83,6 +84,33 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0) -
             **kwargs,
         )
     return DistInfo(rank, world_size, local_rank, device, True)
+
+
+def leaves_parameters_unused(model: nn.Module) -> bool:
+    """Whether some step of ``model``'s training leaves trainable parameters without gradient:
+    a submodule says so with ``ddp_find_unused_parameters = True`` (the DAS search, whose
+    skipped candidates' adapters sit out the step)."""
+    return any(getattr(m, "ddp_find_unused_parameters", False) for m in model.modules())
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: Optional[bool] = None) -> nn.Module:
+    """The model the training loop steps: DDP under torchrun, the model itself otherwise.
+
+    Args:
+        model (nn.Module): the model, already on ``info.device``.
+        info (DistInfo): from :func:`init_distributed`.
+        find_unused_parameters (Optional[bool]): DDP's flag (``train.find_unused_parameters``);
+            None: on exactly when :func:`leaves_parameters_unused` (it costs a graph
+            traversal per step, so it stays off otherwise).
+
+    Returns:
+        nn.Module: ``DistributedDataParallel(model, ...)`` or ``model``.
+    """
+    if not info.is_distributed:
+        return model
+    if find_unused_parameters is None:
+        find_unused_parameters = leaves_parameters_unused(model)
+    return DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 def get_rank() -> int:

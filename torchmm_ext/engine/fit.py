@@ -21,6 +21,7 @@ from torchmm_ext.engine.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from torchmm_ext.engine.config import ConfigError
 from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
@@ -59,6 +60,9 @@ class TrainConfig:
             :func:`~torchmm_ext.engine.distributed.use_deterministic_training`): two runs, or a
             run killed and resumed with ``--resume``, give identical weights and metrics.
             ``precision: auto`` then means fp32; ``bf16`` is a config error.
+        find_unused_parameters (Optional[bool]): DDP's ``find_unused_parameters`` under
+            torchrun (:func:`~torchmm_ext.engine.distributed.wrap_ddp`); None: on when a method
+            leaves parameters without gradient on some steps (a DAS search), off otherwise.
     """
 
     epochs: int = 5
@@ -78,6 +82,7 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     lr_mult: Dict[str, float] = field(default_factory=dict)
     deterministic: bool = False
+    find_unused_parameters: Optional[bool] = None
 
 
 def fit(
@@ -125,7 +130,18 @@ def fit(
 
     Returns:
         Optional[float]: the best validation metric (None without ``evaluate_fn``).
+
+    Raises:
+        ConfigError: the model has a method that acts during training (the DAS search) and no
+            ``step_hooks`` drive it.
     """
+    driven = [name for name, m in unwrap_model(model).named_modules() if callable(getattr(m, "make_step_hook", None))]
+    if driven and not step_hooks:  # e.g. das.search in a recipe that does not collect the hooks
+        raise ConfigError(
+            f"{driven[0]} ({', '.join(applied_methods(model)) or 'a method'}) acts after every training step, "
+            "but this recipe passes no step_hooks: collect them with "
+            "torchmm_ext.engine.efficiency.method_step_hooks(...) and pass them to fit/train_and_reload_best"
+        )
     start_epoch, start_step, global_step, best = 0, 0, 0, None
     resume_path = resolve_resume_path(resume, output_dir)
     if resume_path is not None:

@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 
 import torch
 from torch import nn, Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 
 from torchmm_ext.checkpoints.loading import CheckpointShapeError, load_pretrained, LoadReport
@@ -27,6 +26,7 @@ from torchmm_ext.engine.distributed import (
     is_main_process,
     seed_everything,
     use_deterministic_training,
+    wrap_ddp,
 )
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.metric_logging import get_logger
@@ -375,7 +375,7 @@ def finetune_classifier(
         Dict[str, Dict[str, float]]: ``{split: {"acc", "num_samples"}}``.
     """
     model.to(dist.device)
-    train_model = DistributedDataParallel(model) if dist.is_distributed else model
+    train_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
     def evaluate(split: str) -> Dict[str, float]:
         dataset = eval_sets[split]

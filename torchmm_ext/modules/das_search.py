@@ -60,6 +60,10 @@ class DASSearchConfig:
         output (Optional[str]): a ``skip.json`` to (re)write at every epoch end.
         epochs (Optional[int]): training epochs of a search run (``examples/das/search.py`` sets
             ``train.epochs`` to it; published: 3, the first a warm-up).
+        max_steps_per_epoch (Optional[int]): training steps per search epoch
+            (``examples/das/search.py`` sets ``train.max_steps_per_epoch`` to it unless the
+            command line sets that; published: whole epochs). With ``das_turn`` it fixes the number of rounds:
+            ``(epochs - warmup_epochs) * max_steps_per_epoch // das_turn``.
     """
 
     skip_num: int = 1
@@ -72,6 +76,7 @@ class DASSearchConfig:
     reuse_batch: bool = False
     output: Optional[str] = None
     epochs: Optional[int] = None
+    max_steps_per_epoch: Optional[int] = None
 
     @classmethod
     def from_mapping(cls, section: Mapping[str, Any]) -> "DASSearchConfig":
@@ -155,6 +160,10 @@ class DASSearch(nn.Module):
         ValueError: ``skip_num`` larger than the candidates, or ``das_step`` larger than the
             number of distinct skip sets.
     """
+
+    # A skipped candidate's parallel adapters get no gradient in that step: under torchrun the
+    # recipes' DDP wrapper (torchmm_ext.engine.wrap_ddp) turns find_unused_parameters on.
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,

@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
+from torchmm_ext.engine.flops import flop_counter
 from torchmm_ext.models.albef import albef_model_for_retrieval, albef_model_for_vqa
 from torchmm_ext.modules.adapters import apply_das
 
@@ -109,7 +109,7 @@ def main() -> None:
     models = {}
     for name, cfg in configs.items():
         model, trainable = build(cfg["skip"], cfg["das"], args, device)
-        with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast():
+        with flop_counter() as counter, torch.no_grad(), autocast():
             inference_pass(model, image, ids, mask, answers, args.k_test)
         rows[name] = {"skip": cfg["skip"], "trainable": trainable, "flops": counter.get_total_flops(), "times": []}
         models[name] = model

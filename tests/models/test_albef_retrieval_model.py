@@ -155,6 +155,39 @@ def test_no_queue_and_online_batch_columns():
     assert not torch.allclose(losses[True], losses[False])
 
 
+def test_momentum_forward_skipped_only_when_nothing_reads_it():
+    # No queue + online batch columns: the momentum encoders run only for distillation
+    # (alpha > 0). Skipping them must not change the losses (alpha 1e-9 runs them, and in eval
+    # mode they draw no random numbers, so the same hard negatives are sampled) nor the EMA.
+    images, ids, mask, idx = batch()
+    calls = []
+    outputs, momentum_weights = {}, {}
+    for alpha in (0.0, 1e-9):
+        torch.manual_seed(0)
+        model = tiny(queue_size=0, itc_online_batch=True, momentum=0.5, dropout=0.0).eval()
+        with torch.no_grad():  # online weights away from their momentum twins
+            for p in model.vision_encoder.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        model.vision_encoder_m.register_forward_hook(lambda *_: calls.append(alpha))
+        model.text_encoder_m.register_forward_hook(lambda *_: calls.append(alpha))
+        torch.manual_seed(1)
+        outputs[alpha] = model.itc_itm_losses(images, ids, mask, idx, alpha)
+        momentum_weights[alpha] = model.vision_encoder_m.blocks[0].attention.input_proj.weight.detach().clone()
+    assert calls == [1e-9, 1e-9]
+    assert outputs[0.0].image_embeddings_m is None and outputs[1e-9].image_embeddings_m is not None
+    torch.testing.assert_close(outputs[0.0].loss_itc, outputs[1e-9].loss_itc, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[0.0].loss_itm, outputs[1e-9].loss_itm)
+    torch.testing.assert_close(momentum_weights[0.0], momentum_weights[1e-9])
+    online = model.vision_encoder.blocks[0].attention.input_proj.weight
+    assert not torch.allclose(momentum_weights[0.0], online)  # the EMA moved half-way, not a copy
+    # With a queue the momentum features are enqueued: they run even at alpha 0.
+    calls.clear()
+    model = tiny(queue_size=8, itc_online_batch=True).eval()
+    model.vision_encoder_m.register_forward_hook(lambda *_: calls.append("queue"))
+    model.itc_itm_losses(images, ids, mask, idx, 0.0)
+    assert calls == ["queue"] and int(model.queue.ptr) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_training_step_on_cuda_matches_cpu_loss():

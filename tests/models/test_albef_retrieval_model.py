@@ -88,7 +88,7 @@ def test_itm_loss_is_cross_entropy_over_positives_and_hard_negatives(monkeypatch
     model = tiny().eval()  # no dropout
     images, ids, mask, idx = batch()
     neg = HardNegatives(image_for_text=torch.tensor([2, 3, 0, 1]), text_for_image=torch.tensor([3, 2, 1, 0]))
-    monkeypatch.setattr(albef, "sample_hard_negatives", lambda *a: neg)
+    monkeypatch.setattr(albef, "sample_hard_negatives", lambda *a, **kw: neg)
     out = model(images, ids, mask, idx, alpha=0.0)
     with torch.no_grad():
         img = model.encode_image(images).embeddings
@@ -186,6 +186,21 @@ def test_momentum_forward_skipped_only_when_nothing_reads_it():
     model.vision_encoder_m.register_forward_hook(lambda *_: calls.append("queue"))
     model.itc_itm_losses(images, ids, mask, idx, 0.0)
     assert calls == ["queue"] and int(model.queue.ptr) == 4
+
+
+def test_itm_uniform_negatives_reach_the_sampler(monkeypatch):
+    import torchmm_ext.models.albef.retrieval as retrieval
+
+    seen = []
+    sampler = retrieval.sample_hard_negatives
+    monkeypatch.setattr(retrieval, "sample_hard_negatives",
+                        lambda *a, **kw: seen.append(kw["uniform_mix"]) or sampler(*a, **kw))
+    images, ids, mask, idx = batch()
+    tiny(queue_size=0, itc_online_batch=True, itm_uniform_negatives=0.25)(images, ids, mask, idx)
+    tiny()(images, ids, mask, idx)
+    assert seen == [0.25, 0.0]
+    with pytest.raises(ValueError, match="itm_uniform_negatives must be in"):
+        tiny(itm_uniform_negatives=-0.1)
 
 
 @pytest.mark.gpu

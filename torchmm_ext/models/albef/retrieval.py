@@ -79,6 +79,7 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         momentum (float): EMA coefficient of the momentum encoders.
         temp (float): initial temperature (learnable, clamped to [0.001, 0.5]).
         itc_online_batch (bool): see :func:`albef_model_for_retrieval`.
+        itm_uniform_negatives (float): see :func:`albef_model_for_retrieval`.
 
     Inputs (forward):
         image (Tensor): ``[B, 3, H, W]``.
@@ -101,9 +102,13 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         momentum: float = 0.995,
         temp: float = 0.07,
         itc_online_batch: bool = False,
+        itm_uniform_negatives: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= itm_uniform_negatives <= 1.0:
+            raise ValueError(f"itm_uniform_negatives must be in [0, 1], got {itm_uniform_negatives}")
         self.itc_online_batch = itc_online_batch
+        self.itm_uniform_negatives = itm_uniform_negatives
         vision_width = vision_encoder.width
         text_width = text_encoder.embeddings.word_embeddings.embedding_dim
         self.vision_encoder = vision_encoder
@@ -266,7 +271,8 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
 
         # ITM on [positives; (text, hard-negative image); (hard-negative text, image)], one
         # fusion pass where each image's keys/values are projected once.
-        negatives = sample_hard_negatives(sim_i2t[:, :batch_size], sim_t2i[:, :batch_size], idx)
+        negatives = sample_hard_negatives(sim_i2t[:, :batch_size], sim_t2i[:, :batch_size], idx,
+                                          uniform_mix=self.itm_uniform_negatives)
         batch = torch.arange(batch_size, device=image.device)
         text_index = torch.cat([batch, batch, negatives.text_for_image])
         image_index = torch.cat([batch, negatives.image_for_text, batch])
@@ -304,6 +310,7 @@ def albef_model_for_retrieval(
     dropout: float = 0.1,
     drop_path_rate: float = 0.0,
     itc_online_batch: bool = False,
+    itm_uniform_negatives: float = 0.0,
 ) -> ALBEFForRetrieval:
     """Builds ALBEF for image-text retrieval.
 
@@ -326,6 +333,11 @@ def albef_model_for_retrieval(
             features instead of their momentum copies (ALBEF). For training from scratch, where
             momentum copies and queues of a random model pin every feature to one direction;
             pair it with ``queue_size=0``.
+        itm_uniform_negatives (float): share of the ITM negatives drawn uniformly from the
+            batch instead of by ITC similarity (ALBEF: 0), see
+            :func:`~torchmm_ext.modules.losses.sample_hard_negatives`. For training from
+            scratch, where ITC sharpens before ITM learns and similarity sampling then shows
+            the ITM head only the nearest candidate.
 
     Returns:
         ALBEFForRetrieval
@@ -348,4 +360,5 @@ def albef_model_for_retrieval(
         momentum=momentum,
         temp=temp,
         itc_online_batch=itc_online_batch,
+        itm_uniform_negatives=itm_uniform_negatives,
     )

@@ -27,6 +27,7 @@ from torchmm_ext.engine import (
     autocast_context,
     cleanup,
     config_to_dict,
+    ConfigError,
     get_logger,
     StepContext,
     StepOutput,
@@ -79,6 +80,12 @@ class EvalConfig:
     k_test: int = 256
     itm_batch_size: int = 256
     add_itc: bool = False  # rank by ITM + ITC (LAVIS) instead of the ITM logit alone (ALBEF)
+    # What add_itc adds to the ITM logit: "cosine" (LAVIS: the cosine similarity) or "logit"
+    # (the ITC logit, similarity / learned temperature: both terms on the scale they were trained at).
+    itc_scale: str = "cosine"
+
+
+ITC_SCALES = ("cosine", "logit")
 
 
 @dataclass
@@ -106,13 +113,16 @@ def resolve_data_files(cfg: DataConfig) -> Optional[Path]:
 
 def add_similarity(itm_scores: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
     """LAVIS's ranking score: the ITC similarity added to every re-ranked ITM entry (entries
-    outside the top ``k_test`` keep ``NOT_RERANKED_SCORE``)."""
+    outside the top ``k_test`` keep ``NOT_RERANKED_SCORE``). Pass ``sims / temp`` to add the
+    ITC logit instead of the cosine similarity."""
     reranked = itm_scores > NOT_RERANKED_SCORE
     return torch.where(reranked, itm_scores + sims, itm_scores)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     args, cfg, output_dir, dist = start_recipe(argv, DEFAULT_CONFIG, RetrievalConfig, albef_model_for_retrieval, __doc__)
+    if cfg.eval.itc_scale not in ITC_SCALES:
+        raise ConfigError(f"eval.itc_scale must be one of {ITC_SCALES}, got {cfg.eval.itc_scale!r}")
 
     # --- data (the model is built here: its image size sets the transforms) ---
     data = cfg.data
@@ -144,9 +154,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     ddp_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
     def evaluate(split: str) -> Dict[str, float]:
-        """Recalls of the configured ranking, plus the ``r_mean`` of all three rankings from
-        the same ITM pass: ITC alone (``itc_r_mean``), the ITM logit alone (ALBEF,
-        ``itm_r_mean``) and ITM + ITC (LAVIS, ``itm_itc_r_mean``)."""
+        """Recalls of the configured ranking, plus the ``r_mean`` of every ranking from the
+        same ITM pass: ITC alone (``itc_r_mean``), the ITM logit alone (ALBEF,
+        ``itm_r_mean``), ITM + ITC cosine similarity (LAVIS, ``itm_itc_r_mean``) and ITM + ITC
+        logit (``itm_itc_logit_r_mean``)."""
         dataset = eval_sets[split]
         loader = build_eval_dataloader(dataset, cfg.eval.batch_size, cfg.train.num_workers)
         start = time.perf_counter()
@@ -156,16 +167,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
             precision_ctx=lambda: autocast_context(dist.device, cfg.train.precision),
         )
         eval_seconds = time.perf_counter() - start
+        itc_logits = scores.sims / model.temp.detach().float().cpu()
         rankings = {
             "itc": (scores.sims, scores.sims.T),
             "itm": (scores.scores_i2t, scores.scores_t2i),
             # LAVIS: the ITC similarity added to the re-ranked entries (the others stay -100).
             "itm_itc": (add_similarity(scores.scores_i2t, scores.sims),
                         add_similarity(scores.scores_t2i, scores.sims.T)),
+            "itm_itc_logit": (add_similarity(scores.scores_i2t, itc_logits),
+                              add_similarity(scores.scores_t2i, itc_logits.T)),
         }
         recalls = {name: recall_metrics(i2t, t2i, dataset.img2txt, dataset.txt2img)
                    for name, (i2t, t2i) in rankings.items()}
-        metrics = dict(recalls["itm_itc" if cfg.eval.add_itc else "itm"])
+        ranking = {"cosine": "itm_itc", "logit": "itm_itc_logit"}[cfg.eval.itc_scale] if cfg.eval.add_itc else "itm"
+        metrics = dict(recalls[ranking])
         metrics.update({f"{name}_r_mean": r["r_mean"] for name, r in recalls.items()})
         metrics["eval_seconds"] = eval_seconds  # encoding, ITC and the ITM re-rank (wall time)
         return metrics
@@ -198,7 +213,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     save_results(results, output_dir, lambda split, m: (
         f"txt_r1 {m['txt_r1']:.2f}  txt_r5 {m['txt_r5']:.2f}  txt_r10 {m['txt_r10']:.2f}  "
         f"img_r1 {m['img_r1']:.2f}  img_r5 {m['img_r5']:.2f}  img_r10 {m['img_r10']:.2f}  r_mean {m['r_mean']:.2f}  "
-        f"(r_mean by ITC alone {m['itc_r_mean']:.2f}, ITM alone {m['itm_r_mean']:.2f}, ITM + ITC {m['itm_itc_r_mean']:.2f})"))
+        f"(r_mean by ITC alone {m['itc_r_mean']:.2f}, ITM alone {m['itm_r_mean']:.2f}, "
+        f"ITM + ITC cosine {m['itm_itc_r_mean']:.2f}, ITM + ITC logit {m['itm_itc_logit_r_mean']:.2f})"))
     cleanup()
     return results
 

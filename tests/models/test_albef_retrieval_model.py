@@ -88,7 +88,7 @@ def test_itm_loss_is_cross_entropy_over_positives_and_hard_negatives(monkeypatch
     model = tiny().eval()  # no dropout
     images, ids, mask, idx = batch()
     neg = HardNegatives(image_for_text=torch.tensor([2, 3, 0, 1]), text_for_image=torch.tensor([3, 2, 1, 0]))
-    monkeypatch.setattr(albef, "sample_hard_negatives", lambda *a: neg)
+    monkeypatch.setattr(albef, "sample_hard_negatives", lambda *a, **kw: neg)
     out = model(images, ids, mask, idx, alpha=0.0)
     with torch.no_grad():
         img = model.encode_image(images).embeddings
@@ -153,6 +153,54 @@ def test_no_queue_and_online_batch_columns():
             expected = _in_batch_itc(img, txt, txt, img, model.temp)
             torch.testing.assert_close(losses[online], expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(losses[True], losses[False])
+
+
+def test_momentum_forward_skipped_only_when_nothing_reads_it():
+    # No queue + online batch columns: the momentum encoders run only for distillation
+    # (alpha > 0). Skipping them must not change the losses (alpha 1e-9 runs them, and in eval
+    # mode they draw no random numbers, so the same hard negatives are sampled) nor the EMA.
+    images, ids, mask, idx = batch()
+    calls = []
+    outputs, momentum_weights = {}, {}
+    for alpha in (0.0, 1e-9):
+        torch.manual_seed(0)
+        model = tiny(queue_size=0, itc_online_batch=True, momentum=0.5, dropout=0.0).eval()
+        with torch.no_grad():  # online weights away from their momentum twins
+            for p in model.vision_encoder.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        model.vision_encoder_m.register_forward_hook(lambda *_: calls.append(alpha))
+        model.text_encoder_m.register_forward_hook(lambda *_: calls.append(alpha))
+        torch.manual_seed(1)
+        outputs[alpha] = model.itc_itm_losses(images, ids, mask, idx, alpha)
+        momentum_weights[alpha] = model.vision_encoder_m.blocks[0].attention.input_proj.weight.detach().clone()
+    assert calls == [1e-9, 1e-9]
+    assert outputs[0.0].image_embeddings_m is None and outputs[1e-9].image_embeddings_m is not None
+    torch.testing.assert_close(outputs[0.0].loss_itc, outputs[1e-9].loss_itc, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(outputs[0.0].loss_itm, outputs[1e-9].loss_itm)
+    torch.testing.assert_close(momentum_weights[0.0], momentum_weights[1e-9])
+    online = model.vision_encoder.blocks[0].attention.input_proj.weight
+    assert not torch.allclose(momentum_weights[0.0], online)  # the EMA moved half-way, not a copy
+    # With a queue the momentum features are enqueued: they run even at alpha 0.
+    calls.clear()
+    model = tiny(queue_size=8, itc_online_batch=True).eval()
+    model.vision_encoder_m.register_forward_hook(lambda *_: calls.append("queue"))
+    model.itc_itm_losses(images, ids, mask, idx, 0.0)
+    assert calls == ["queue"] and int(model.queue.ptr) == 4
+
+
+def test_itm_uniform_negatives_reach_the_sampler(monkeypatch):
+    import torchmm_ext.models.albef.retrieval as retrieval
+
+    seen = []
+    sampler = retrieval.sample_hard_negatives
+    monkeypatch.setattr(retrieval, "sample_hard_negatives",
+                        lambda *a, **kw: seen.append(kw["uniform_mix"]) or sampler(*a, **kw))
+    images, ids, mask, idx = batch()
+    tiny(queue_size=0, itc_online_batch=True, itm_uniform_negatives=0.25)(images, ids, mask, idx)
+    tiny()(images, ids, mask, idx)
+    assert seen == [0.25, 0.0]
+    with pytest.raises(ValueError, match="itm_uniform_negatives must be in"):
+        tiny(itm_uniform_negatives=-0.1)
 
 
 @pytest.mark.gpu

@@ -173,6 +173,25 @@ def test_hard_negatives_follow_similarity():
     assert picks.count(2) > 95 and 1 not in picks
 
 
+def test_hard_negatives_uniform_mix_frequencies():
+    # Row 0: idx 0 is shared with column 1 (never a negative); columns 2, 3 are valid and the
+    # similarity puts softmax weight w = e^4 / (e^4 + 1) on column 2. With mix m the weights are
+    # (1 - m) * [w, 1 - w] + m * [1/2, 1/2] over columns 2, 3.
+    torch.manual_seed(0)
+    sim = torch.zeros(4, 4)
+    sim[0, 2] = 4.0
+    idx = torch.tensor([0, 0, 1, 2])
+    w = math.exp(4.0) / (math.exp(4.0) + 1.0)
+    for mix in (0.0, 0.5, 1.0):
+        picks = torch.stack([sample_hard_negatives(sim, sim, idx, uniform_mix=mix).text_for_image[0]
+                             for _ in range(4000)])
+        assert not ((picks == 0) | (picks == 1)).any()
+        expected = (1 - mix) * w + mix / 2
+        assert abs((picks == 2).float().mean().item() - expected) < 0.025, (mix, expected)
+    with pytest.raises(ValueError, match="uniform_mix must be in"):
+        sample_hard_negatives(sim, sim, idx, uniform_mix=1.5)
+
+
 def test_hard_negatives_errors_and_fallback():
     with pytest.raises(ValueError, match="at least 2"):
         sample_hard_negatives(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0]))

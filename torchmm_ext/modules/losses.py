@@ -38,8 +38,12 @@ class HardNegatives(NamedTuple):
     text_for_image: Tensor
 
 
-def _sample_rows(sim: Tensor, same_idx: Tensor) -> Tensor:
+def _sample_rows(sim: Tensor, same_idx: Tensor, uniform_mix: float) -> Tensor:
     weights = F.softmax(sim.float(), dim=1).masked_fill(same_idx, 0.0)
+    if uniform_mix > 0:
+        allowed = (~same_idx).float()
+        weights = ((1.0 - uniform_mix) * weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
+                   + uniform_mix * allowed / allowed.sum(dim=1, keepdim=True).clamp_min(1.0))
     # A row can only be empty when every sample in the batch shows the same image; then no
     # true negative exists and we fall back to any other sample (ALBEF would crash here).
     empty = weights.sum(dim=1) <= 0
@@ -50,7 +54,7 @@ def _sample_rows(sim: Tensor, same_idx: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, idx: Tensor) -> HardNegatives:
+def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, idx: Tensor, uniform_mix: float = 0.0) -> HardNegatives:
     """Draw one hard negative per image and per text, as ALBEF does.
 
     Each row's candidates are weighted by ``softmax`` of the in-batch similarities; every pair
@@ -60,16 +64,24 @@ def sample_hard_negatives(sim_i2t: Tensor, sim_t2i: Tensor, idx: Tensor) -> Hard
         sim_i2t (Tensor): ``[B, B]`` image-to-text similarities of the batch.
         sim_t2i (Tensor): ``[B, B]`` text-to-image similarities.
         idx (Tensor): ``[B]`` image ids.
+        uniform_mix (float): probability that a negative is drawn uniformly among the allowed
+            candidates instead of by similarity: the sampling weights are
+            ``(1 - uniform_mix) * softmax + uniform_mix * uniform`` (both over the candidates
+            with another image id). ALBEF: 0. From scratch, once ITC is sharp, similarity
+            sampling draws only the nearest candidate and the ITM head never sees the
+            mid-ranked ones it must reject at re-rank time.
 
     Returns:
         HardNegatives
     """
     if sim_i2t.size(0) < 2:
         raise ValueError("ITM hard negatives need a batch of at least 2 samples")
+    if not 0.0 <= uniform_mix <= 1.0:
+        raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix}")
     same_idx = idx.view(-1, 1) == idx.view(1, -1)
     return HardNegatives(
-        image_for_text=_sample_rows(sim_t2i, same_idx),
-        text_for_image=_sample_rows(sim_i2t, same_idx),
+        image_for_text=_sample_rows(sim_t2i, same_idx, uniform_mix),
+        text_for_image=_sample_rows(sim_i2t, same_idx, uniform_mix),
     )
 
 

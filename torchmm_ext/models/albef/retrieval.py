@@ -50,13 +50,15 @@ class ITCITMOutput(NamedTuple):
         loss_itm (Tensor): image-text matching loss.
         image_embeddings (Tensor): online image tokens ``[B, N, Dv]`` (with gradient; ``N`` is
             the pruned length under token pruning).
-        image_embeddings_m (Tensor): momentum image tokens ``[B, N_m, Dv]`` (no gradient).
+        image_embeddings_m (Optional[Tensor]): momentum image tokens ``[B, N_m, Dv]`` (no
+            gradient); None when no momentum feature was needed (no queue, ``alpha`` 0 and
+            ``itc_online_batch``), as their forward passes are then skipped.
     """
 
     loss_itc: Tensor
     loss_itm: Tensor
     image_embeddings: Tensor
-    image_embeddings_m: Tensor
+    image_embeddings_m: Optional[Tensor]
 
 
 class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
@@ -77,6 +79,7 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         momentum (float): EMA coefficient of the momentum encoders.
         temp (float): initial temperature (learnable, clamped to [0.001, 0.5]).
         itc_online_batch (bool): see :func:`albef_model_for_retrieval`.
+        itm_uniform_negatives (float): see :func:`albef_model_for_retrieval`.
 
     Inputs (forward):
         image (Tensor): ``[B, 3, H, W]``.
@@ -99,9 +102,13 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         momentum: float = 0.995,
         temp: float = 0.07,
         itc_online_batch: bool = False,
+        itm_uniform_negatives: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= itm_uniform_negatives <= 1.0:
+            raise ValueError(f"itm_uniform_negatives must be in [0, 1], got {itm_uniform_negatives}")
         self.itc_online_batch = itc_online_batch
+        self.itm_uniform_negatives = itm_uniform_negatives
         vision_width = vision_encoder.width
         text_width = text_encoder.embeddings.word_embeddings.embedding_dim
         self.vision_encoder = vision_encoder
@@ -232,30 +239,40 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         empty = (idx_all == self.queue.empty_idx).view(1, -1)
         with torch.no_grad():
             momentum_update(*self._momentum_pairs(), self.momentum)
-            text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
-            text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
-            # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every token
-            # unless token pruning was applied with prune_momentum=True.
-            image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
-            image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
-            # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
-            image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
-            text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
-            sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
-            sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+        image_m = sim_i2t_m = sim_t2i_m = None
+        # Without a queue, distillation or momentum batch columns (training from scratch) no
+        # momentum feature is read: their forward passes are skipped (the EMA above still runs).
+        if self.queue.size > 0 or alpha > 0 or not self.itc_online_batch:
+            with torch.no_grad():
+                text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
+                text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
+                # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every
+                # token unless token pruning was applied with prune_momentum=True.
+                image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
+                image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
+                # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
+                image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
+                text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
+                sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+                sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+        else:
+            image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
         # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.
         image_feat, text_feat = image_enc.features.float(), text_enc.features.float()
         if self.itc_online_batch:  # the batch's columns carry gradient (CLIP-style)
-            text_feat_all = torch.cat([text_feat.T, text_feat_all[:, batch_size:]], dim=1)
-            image_feat_all = torch.cat([image_feat.T, image_feat_all[:, batch_size:]], dim=1)
+            first_queued = image_feat_all.size(1) - self.queue.size
+            text_feat_all = torch.cat([text_feat.T, text_feat_all[:, first_queued:]], dim=1)
+            image_feat_all = torch.cat([image_feat.T, image_feat_all[:, first_queued:]], dim=1)
         sim_i2t = (image_feat @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
         sim_t2i = (text_feat @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
         loss_itc = self.itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, sim_targets, alpha)
-        self.queue.enqueue(image_feat_m, text_feat_m, queued_idx)
+        if image_m is not None:
+            self.queue.enqueue(image_feat_m, text_feat_m, queued_idx)
 
         # ITM on [positives; (text, hard-negative image); (hard-negative text, image)], one
         # fusion pass where each image's keys/values are projected once.
-        negatives = sample_hard_negatives(sim_i2t[:, :batch_size], sim_t2i[:, :batch_size], idx)
+        negatives = sample_hard_negatives(sim_i2t[:, :batch_size], sim_t2i[:, :batch_size], idx,
+                                          uniform_mix=self.itm_uniform_negatives)
         batch = torch.arange(batch_size, device=image.device)
         text_index = torch.cat([batch, batch, negatives.text_for_image])
         image_index = torch.cat([batch, negatives.image_for_text, batch])
@@ -293,6 +310,7 @@ def albef_model_for_retrieval(
     dropout: float = 0.1,
     drop_path_rate: float = 0.0,
     itc_online_batch: bool = False,
+    itm_uniform_negatives: float = 0.0,
 ) -> ALBEFForRetrieval:
     """Builds ALBEF for image-text retrieval.
 
@@ -315,6 +333,11 @@ def albef_model_for_retrieval(
             features instead of their momentum copies (ALBEF). For training from scratch, where
             momentum copies and queues of a random model pin every feature to one direction;
             pair it with ``queue_size=0``.
+        itm_uniform_negatives (float): share of the ITM negatives drawn uniformly from the
+            batch instead of by ITC similarity (ALBEF: 0), see
+            :func:`~torchmm_ext.modules.losses.sample_hard_negatives`. For training from
+            scratch, where ITC sharpens before ITM learns and similarity sampling then shows
+            the ITM head only the nearest candidate.
 
     Returns:
         ALBEFForRetrieval
@@ -337,4 +360,5 @@ def albef_model_for_retrieval(
         momentum=momentum,
         temp=temp,
         itc_online_batch=itc_online_batch,
+        itm_uniform_negatives=itm_uniform_negatives,
     )

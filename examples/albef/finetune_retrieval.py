@@ -65,6 +65,9 @@ class DataConfig:
     hflip: bool = True
     randaugment: bool = True
     skip_bad_samples: bool = False
+    # Batches of captions of similar length (groups of 16 batches sorted by length, batches
+    # shuffled): texts are padded to a batch's longest, so this saves the padded text and fusion work.
+    group_by_length: bool = False
 
 
 @dataclass
@@ -145,6 +148,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     train_loader = build_dataloader(
         train_set, batch_size=cfg.train.batch_size, shuffle=True, num_workers=cfg.train.num_workers,
         collate_fn=RetrievalCollator(tokenizer, data.max_tokens), drop_last=True, seed=cfg.train.seed,
+        lengths=train_set.caption_lengths() if data.group_by_length else None,
     )
 
     # --- model ---

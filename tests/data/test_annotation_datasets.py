@@ -97,6 +97,11 @@ def test_retrieval_train_dataset(world) -> None:
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert isinstance(caption, str) and "," not in caption and idx == 1
     assert sorted({ds.samples[i][2] for i in range(len(ds))}) == list(range(20))
+    # words per cleaned caption, in sample order (what length-grouped batching sorts by)
+    lengths = ds.caption_lengths()
+    assert len(lengths) == len(ds) and lengths[7] == len(caption.split())
+    short = RetrievalTrainDataset([world.retrieval_train], world.image_root, albef_test_transform(32), max_words=4)
+    assert max(short.caption_lengths()) == 4 and max(lengths) > 4
 
 
 def test_retrieval_eval_dataset(world) -> None:

@@ -69,3 +69,57 @@ def test_unshuffled_and_eval_loaders_keep_order() -> None:
     ev = build_eval_dataloader(_IndexAndNoise(), batch_size=10, num_workers=0)
     batches = [b[0] for b in ev]
     assert torch.cat(batches).tolist() == list(range(64)) and len(batches[-1]) == 4
+
+
+def _lengths(n: int = 64) -> list:
+    return [(i * 37) % 23 + 1 for i in range(n)]  # 1..23, unrelated to the index order
+
+
+def _grouped(seed: int = 3, epoch: int = 0, **kwargs):
+    loader = build_dataloader(_IndexAndNoise(), batch_size=4, shuffle=True, num_workers=0, seed=seed,
+                              lengths=_lengths(), group_batches=4, drop_last=True, **kwargs)
+    loader.sampler.set_epoch(epoch)
+    return loader
+
+
+def test_length_grouped_batches_come_from_sorted_groups() -> None:
+    lengths = _lengths()
+    # the plain loader's order for the same seed and epoch: its 16-sample groups, sorted by
+    # length (descending), cut into batches of 4 are exactly the grouped loader's batches
+    plain = torch.cat([b[0] for b in build_dataloader(_IndexAndNoise(), batch_size=4, shuffle=True,
+                                                      num_workers=0, seed=3)]).tolist()
+    expected_batches = set()
+    for g in range(0, 64, 16):
+        group = sorted(plain[g:g + 16], key=lambda i: lengths[i], reverse=True)
+        expected_batches |= {tuple(group[b:b + 4]) for b in range(0, 16, 4)}
+    got = [tuple(b[0].tolist()) for b in _grouped()]
+    assert set(got) == expected_batches and len(got) == 16
+    # batches stay inside their group, in shuffled order (not longest first)
+    plain_groups = [set(plain[g:g + 16]) for g in range(0, 64, 16)]
+    for k, batch in enumerate(got):
+        assert set(batch) <= plain_groups[k // 4]
+    firsts = [max(lengths[i] for i in got[k]) for k in range(0, 16, 4)]
+    longest = [max(lengths[i] for i in plain[g:g + 16]) for g in range(0, 64, 16)]
+    assert firsts != longest  # with this seed at least one group does not start with its longest
+    # padding to each batch's longest text: grouped batches pad far less than plain ones
+    pad = lambda batches: sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    assert pad(got) < 0.5 * pad([plain[b:b + 4] for b in range(0, 64, 4)])
+
+
+def test_length_grouped_order_is_seeded_and_resumes_mid_epoch() -> None:
+    order = lambda **kw: [tuple(b[0].tolist()) for b in _grouped(**kw)]
+    assert order() == order()
+    assert order() != order(epoch=1) and order() != order(seed=4)
+    loader = _grouped(epoch=1)
+    it = iter(loader)
+    seen = [next(it) for _ in range(5)]
+    state = loader.state_dict()
+    rest = [b[0] for b in it]
+    resumed = _grouped(epoch=1)
+    resumed.load_state_dict(state)
+    assert [b[0].tolist() for b in resumed] == [b.tolist() for b in rest] and len(seen) + len(rest) == 16
+
+
+def test_length_grouped_sampler_checks_its_lengths() -> None:
+    with pytest.raises(ValueError, match="lengths has 3 entries for a dataset of 64"):
+        build_dataloader(_IndexAndNoise(), batch_size=4, shuffle=True, num_workers=0, lengths=[1, 2, 3])

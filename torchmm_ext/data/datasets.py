@@ -228,6 +228,10 @@ class RetrievalTrainDataset(_ImageAnnotationDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def caption_lengths(self) -> List[int]:
+        """Words per cleaned caption, sample by sample (for length-grouped batching)."""
+        return [len(pre_caption(caption, self.max_words).split()) for _, caption, _ in self.samples]
+
     def _get(self, index: int) -> Tuple[Tensor, str, int]:
         image, caption, idx = self.samples[index]
         return self._load(index, image), pre_caption(caption, self.max_words), idx

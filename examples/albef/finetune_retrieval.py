@@ -66,7 +66,9 @@ class DataConfig:
     randaugment: bool = True
     skip_bad_samples: bool = False
     # Batches of captions of similar length (groups of 16 batches sorted by length, batches
-    # shuffled): texts are padded to a batch's longest, so this saves the padded text and fusion work.
+    # shuffled): texts are padded to a batch's longest, so this saves the padded text and fusion
+    # work. Off by default: on the from-scratch shapes job it kept ITC at chance through epoch 0
+    # (mean loss 4.78 vs 3.62 with plain batches; similar-length captions describe similar scenes).
     group_by_length: bool = False
 
 

@@ -128,7 +128,7 @@ def main() -> None:
         if args.task == "vqa":
             sizes["decoder"] = 6 if base else 2
     for item in args.config:
-        name, _, spec = item.partition("=")
+        name, _, spec = item.rpartition("=")  # names may contain "=" (k=4), JSON specs do not
         configs[name] = dict(skip=json.loads(spec), das=True)
     for group in [] if args.config else args.groups:
         for k in range(1, min(args.max_k, sizes[group]) + 1):

@@ -15,6 +15,7 @@ config is that recipe's config with a ``das:`` section holding both stages::
 The fine-tuning entry points drop ``das.search``; ``search.py`` drops ``das.skip``/``das.skip_from``.
 """
 
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Optional, Sequence
@@ -88,5 +89,6 @@ def with_overrides(argv: Optional[Sequence[str]], default_config: Path, first: S
 def finetune_main(task: str, argv: Optional[Sequence[str]], default_config: Path):
     """Fine-tune with a fixed skip list (``das.skip_from`` or ``das.skip``): the task recipe of
     the config's backbone family with the config's ``das`` section, the search switched off."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     family = family_of(config_path(argv, default_config))
     return task_recipe(family, task).main(with_overrides(argv, default_config, first=["das.search=null"]))

@@ -1,4 +1,4 @@
-"""DAS benchmark: what skipping k blocks saves on a base-size ALBEF, measured in one run.
+"""DAS benchmark: what skipping k blocks saves on a base-size ALBEF, ViLT or METER, measured in one run.
 
 For the plain model, DAS with no skipped block (adapters only, k = 0) and DAS with k = 1..4 skipped
 blocks of each group given with ``--groups`` (the last k blocks of the group: a block's cost does
@@ -9,12 +9,18 @@ not depend on its position), it reports
 * inference latency (median over rounds) and its ratio to k = 0 in the same run, next to the
   FLOP ratio (target: within 20% of it).
 
-The inference pass is what VQA, NLVR2 and ITM re-ranking share: ViT on the images, the text
-encoder on the texts, the fusion encoder on (image, text) pairs and the ITM head on the fused
-CLS, on ``albef_model_for_retrieval("base")``.
+The inference pass (``--model albef``) is what VQA, NLVR2 and ITM re-ranking share: ViT on the
+images, the text encoder on the texts, the fusion encoder on (image, text) pairs and the ITM head
+on the fused CLS, on ``albef_model_for_retrieval("base")`` (``--task vqa``: answer ranking with
+the decoder). ``--model vilt`` / ``--model meter``: the VQA classifier model
+(``vilt_model_for_vqa`` / ``meter_model_for_vqa``, ``--answers`` answers: 3,129 published) on images and
+questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
+``text_fusion`` + ``image_fusion`` co-attention layers, whose flat indices 0-5 / 6-11 ``--config``
+also takes).
 
     python benchmarks/das.py --device cpu
     python benchmarks/das.py --device cuda --batch-size 32 --json das.json
+    python benchmarks/das.py --model meter --groups text_fusion image_fusion --max-k 2
 
 Configurations run round-robin (one iteration of each per round, the first ``--warmup`` rounds
 untimed) so that background load on a shared machine hits them alike.
@@ -33,11 +39,19 @@ from torch import nn
 
 from torchmm_ext.engine.flops import flop_counter
 from torchmm_ext.models.albef import albef_model_for_retrieval, albef_model_for_vqa
+from torchmm_ext.models.meter import meter_model_for_vqa, METERForVQA
+from torchmm_ext.models.vilt import vilt_model_for_vqa, ViltForVQA
 from torchmm_ext.modules.adapters import apply_das
+
+
+#: The DAS block groups of each backbone (the published candidates for ViLT and METER).
+DAS_GROUPS = {"albef": None, "vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
 
 
 def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    answers: Any = None, k_test: int = 0) -> torch.Tensor:
+    if isinstance(model, (ViltForVQA, METERForVQA)):  # the VQA classifier over the answer vocabulary
+        return model(image, ids, mask).logits
     if answers is not None:  # VQA: rank the answer list
         return model.rank_answers(image, ids, mask, answers[0], answers[1], k_test)[1]
     image_emb = model.encode_image(image).embeddings
@@ -49,13 +63,17 @@ def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mas
 def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     sizes = {"image_size": args.image_size} | ({"patch_size": args.patch_size} if args.patch_size else {})
-    if args.task == "vqa":
+    if args.model == "vilt":
+        model = vilt_model_for_vqa(args.preset, vocab_size=args.vocab, num_answers=args.answers, **sizes)
+    elif args.model == "meter":
+        model = meter_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
+    elif args.task == "vqa":
         model = albef_model_for_vqa(args.preset, distill=False, **sizes)
     else:
         model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if das:
-        trainable = apply_das(model, skip=skip).trainable_params
+        trainable = apply_das(model, skip=skip, groups=DAS_GROUPS[args.model]).trainable_params
     return model.to(device).eval(), trainable
 
 
@@ -72,6 +90,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json")
     parser.add_argument("--preset", default="base", choices=["base", "tiny"])
+    parser.add_argument("--model", default="albef", choices=sorted(DAS_GROUPS),
+                        help="albef (--task itm|vqa), or the VQA classifier of vilt / meter")
     parser.add_argument("--task", default="itm", choices=["itm", "vqa"],
                         help="itm: encoders + fusion + ITM head; vqa: answer ranking (decoder included)")
     parser.add_argument("--answers", type=int, default=3128, help="VQA answer-list size")
@@ -80,23 +100,35 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], metavar="NAME=SKIP",
                         help="measure these skip lists (JSON {group: [indices]}) instead of the k sweep")
     args = parser.parse_args()
+    if args.model != "albef":  # ViLT / METER: the VQA classifier, over the published DAS candidates
+        args.task = "vqa"
+        if args.groups == parser.get_default("groups"):
+            args.groups = DAS_GROUPS[args.model]
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
     vocab = (1000, 30522) if args.preset == "base" else (5, 512)
+    args.vocab = 50265 if args.model == "meter" and args.preset == "base" else vocab[1]
     ids = torch.randint(*vocab, (args.batch_size, args.text_length), generator=gen).to(device)
     mask = torch.ones_like(ids)
     answers = None
-    if args.task == "vqa":
+    if args.task == "vqa" and args.model == "albef":
         answer_ids = torch.randint(*vocab, (args.answers, 5), generator=gen)
         answers = (answer_ids.to(device), torch.ones_like(answer_ids).to(device))
 
-    configs: Dict[str, Dict[str, Any]] = {"plain ALBEF": dict(skip={}, das=False), "DAS k=0": dict(skip={}, das=True)}
-    sizes = {"vision": 12, "text": 6, "fusion": 6} if args.preset == "base" else {"vision": 4, "text": 2, "fusion": 2}
-    if args.task == "vqa":
-        sizes["decoder"] = 6 if args.preset == "base" else 2
+    plain = f"plain {dict(albef='ALBEF', vilt='ViLT', meter='METER')[args.model]}"
+    configs: Dict[str, Dict[str, Any]] = {plain: dict(skip={}, das=False), "DAS k=0": dict(skip={}, das=True)}
+    base = args.preset == "base"
+    if args.model == "vilt":
+        sizes = {"transformer": 12 if base else 4}
+    elif args.model == "meter":
+        sizes = {"text_fusion": 6 if base else 2, "image_fusion": 6 if base else 2}
+    else:
+        sizes = {"vision": 12, "text": 6, "fusion": 6} if base else {"vision": 4, "text": 2, "fusion": 2}
+        if args.task == "vqa":
+            sizes["decoder"] = 6 if base else 2
     for item in args.config:
-        name, _, spec = item.partition("=")
+        name, _, spec = item.rpartition("=")  # names may contain "=" (k=4), JSON specs do not
         configs[name] = dict(skip=json.loads(spec), das=True)
     for group in [] if args.config else args.groups:
         for k in range(1, min(args.max_k, sizes[group]) + 1):
@@ -125,7 +157,7 @@ def main() -> None:
 
     ref = rows["DAS k=0"]
     ref_time = statistics.median(ref["times"])
-    print(f"# DAS benchmark ({args.task}): ALBEF {args.preset}, image {args.image_size}, batch {args.batch_size}, text {args.text_length} "
+    print(f"# DAS benchmark ({args.task}): {plain[6:]} {args.preset}, image {args.image_size}, batch {args.batch_size}, text {args.text_length} "
           f"tokens, {args.precision}, {device}, {torch.get_num_threads()} threads, {args.rounds} rounds")
     print("| configuration | trainable params | GFLOPs | FLOPs vs k=0 | latency (ms) | latency vs k=0 | "
           "latency ratio / FLOP ratio |")

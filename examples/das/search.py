@@ -1,6 +1,7 @@
 """DAS search: which blocks of a pre-trained model a task can skip.
 
-Runs the task's ALBEF recipe (its data, model, step function and training loop) with
+Runs the task recipe of the config's backbone (``albef_*``, ``vilt_*`` or ``meter_*`` config:
+``examples/<family>/finetune_<task>.py``; its data, model, step function and training loop) with
 ``das.search`` on: every step skips ``das.search.skip_num`` blocks drawn from the gates, the
 adapters and heads train, and every ``das_turn`` steps after the warm-up epoch ``das_step`` skip
 sets are scored on a fresh validation batch to update the gates
@@ -10,9 +11,10 @@ gates, the gate and reward histories; ``das.skip_from`` of the fine-tuning reads
 
     python examples/das/search.py --config examples/das/configs/albef_vqa_shapes.yaml
     python examples/das/finetune_vqa.py --config examples/das/configs/albef_vqa_shapes.yaml
+    python examples/das/search.py --config examples/das/configs/meter_vqa_shapes.yaml
 
 The task (``vqa``, ``nlvr``, ``retrieval``) comes from ``--task`` or the config's file name
-(``albef_<task>[2]_*.yaml``); the output directory from ``--output-dir`` or the config's
+(``<family>_<task>[2]_*.yaml``); the output directory from ``--output-dir`` or the config's
 ``output_dir`` + ``_search``. ``--opts`` overrides config keys as in every recipe.
 """
 
@@ -23,14 +25,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _recipes import albef_recipe, TASK_RECIPES, with_overrides  # noqa: E402
+from _recipes import config_class, family_of, task_recipe, TASK_RECIPES, with_overrides  # noqa: E402
 
 from PIL import Image, ImageDraw  # noqa: E402
 
 from torchmm_ext.engine import ConfigError, load_config  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "albef_vqa_shapes.yaml"
-CONFIG_CLASSES = {"vqa": "VQAConfig", "nlvr": "NLVRConfig", "retrieval": "RetrievalConfig"}
 
 
 def task_of(config: Path, task: Optional[str]) -> str:
@@ -39,8 +40,29 @@ def task_of(config: Path, task: Optional[str]) -> str:
     parts = config.stem.split("_")
     for name in TASK_RECIPES:
         if any(part == name or part.startswith(name) and part[len(name):].isdigit() for part in parts):
-            return name  # albef_vqa_shapes, albef_nlvr2, albef_retrieval_flickr
+            return name  # albef_vqa_shapes, vilt_nlvr2, meter_retrieval_flickr
     raise ConfigError(f"cannot tell the task from {config.name}; pass --task {{{','.join(TASK_RECIPES)}}}")
+
+
+def check_pretrained(config: Path, init: Any) -> None:
+    """DAS searches a *pre-trained* model: fail before any work when the configured weights are
+    missing (an empty ``init.checkpoint``, e.g. ``--opts init.checkpoint=`` in a quick test,
+    searches the random initialisation, with a warning).
+
+    Raises:
+        ConfigError: ``init.checkpoint`` does not exist (the message says how to make it:
+            ``init.checkpoint_hint``).
+    """
+    path = init.checkpoint
+    if not path:
+        print(f"[das search] warning: {config} has no init.checkpoint: searching randomly initialised weights")
+        return
+    if not Path(path).exists():
+        hint = init.checkpoint_hint or "Run the backbone's pre-training recipe (examples/<family>/pretrain.py) first."
+        raise ConfigError(
+            f"{config}: the DAS search starts from pre-trained weights, but init.checkpoint {path} does not "
+            f"exist. {hint} (or point --opts init.checkpoint=... at a pre-trained checkpoint)"
+        )
 
 
 def plot_gates(result: Dict[str, Any], path: Path, size=(900, 520)) -> None:
@@ -92,12 +114,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--output-dir")
     parser.add_argument("--opts", nargs="*", default=[])
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    task = task_of(args.config, args.task)
-    recipe = albef_recipe(task)
-    cfg = load_config(args.config, getattr(recipe, CONFIG_CLASSES[task]), args.opts)
+    task, family = task_of(args.config, args.task), family_of(args.config)
+    recipe = task_recipe(family, task)
+    cfg = load_config(args.config, config_class(family, task), args.opts)
     search = (cfg.das or {}).get("search")
     if not search:
         raise ConfigError(f"{args.config} has no das.search section (skip_num, groups, ...): nothing to search")
+    check_pretrained(args.config, cfg.init)
     output_dir = Path(args.output_dir or f"{cfg.output_dir}_search")
     epochs = search.get("epochs") or 3
     steps = [f"train.max_steps_per_epoch={search['max_steps_per_epoch']}"] if search.get("max_steps_per_epoch") else []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchmm_ext.engine import load_config
+from torchmm_ext.engine import ConfigError, load_config
 from testing_utils import shapes_world_opts, TINY_ENCODER_OPTS
 
 DAS = Path(__file__).resolve().parents[2] / "examples" / "das"
@@ -26,15 +26,29 @@ SMALL = [*TINY_ENCODER_OPTS, "init.checkpoint=", "train.batch_size=8", "eval.bat
 VQA = [*SMALL, "eval.k_test=5"]
 
 
+#: The DAS groups of each backbone's configs: ViLT's blocks, METER's co-attention layers (published).
+FAMILY_GROUPS = {"vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
+
+
 def test_shipped_configs_load_and_name_their_stages():
     search = load("search")
-    for path in sorted((DAS / "configs").glob("albef_*.yaml")):
-        task = search.task_of(path, None)
-        recipe = search.albef_recipe(task)
-        cfg = load_config(path, getattr(recipe, search.CONFIG_CLASSES[task]))
+    configs = sorted((DAS / "configs").glob("*.yaml"))
+    names = {p.name for p in configs}
+    for family in ("albef", "vilt", "meter"):
+        for task in ("vqa", "nlvr", "retrieval"):
+            assert f"{family}_{task}_shapes.yaml" in names
+    for path in configs:
+        task, family = search.task_of(path, None), search.family_of(path)
+        cfg = load_config(path, search.config_class(family, task))
         assert cfg.das["search"]["skip_num"] >= 1 and cfg.das["adapter_dim"] == 96, path
         assert cfg.das["skip_from"].endswith("_search/skip.json"), path
         assert cfg.das["skip_from"].startswith(cfg.output_dir), path
+        if family in FAMILY_GROUPS:
+            assert cfg.das["groups"] == cfg.das["search"]["groups"] == FAMILY_GROUPS[family], path
+        if path.stem.endswith("_shapes"):  # every stage starts from the backbone's shapes pre-training
+            assert cfg.init.checkpoint == f"outputs/{family}_pretrain_shapes/pretrained.pth", path
+    with pytest.raises(ConfigError, match=r"starts with its backbone family .*got 'blip_vqa.yaml'"):
+        search.family_of(Path("blip_vqa.yaml"))
 
 
 def test_vqa_search_then_finetuning_from_its_skip_json(shapes_cache, tmp_path):
@@ -106,3 +120,52 @@ def test_retrieval_search_scores_val_caption_pairs(shapes_cache, tmp_path):
                           "train.max_steps_per_epoch=6"])
     assert result["model"] == "ALBEFForRetrieval" and len(result["gates"]) == 4 + 2  # ViT + text candidates
     assert len(result["reward_history"]) == 2 and all(len(r["losses"]) == 3 for r in result["reward_history"])
+
+
+VILT_SMALL = ["model.width=32", "model.num_heads=2", "model.mlp_dim=64", "init.checkpoint=", "train.batch_size=8",
+              "eval.batch_size=16", "das.adapter_dim=8", "train.num_workers=0"]
+METER_SMALL = ["model.hidden_size=32", "model.fusion_heads=2", "model.fusion_ffn_dim=64", "model.vision_width=32",
+               "model.vision_heads=2", "model.vision_mlp_dim=64", "model.text_width=32", "model.text_heads=2",
+               "model.text_ffn_dim=64", "init.checkpoint=", "train.batch_size=8", "eval.batch_size=16",
+               "das.adapter_dim=8", "train.num_workers=0"]
+
+
+def test_vilt_vqa_search_drives_the_gates_then_finetuning_reads_its_skip_json(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    search = load("search")
+    result = search.main(["--config", str(DAS / "configs" / "vilt_vqa_shapes.yaml"),
+                          "--output-dir", str(tmp_path / "search"), "--opts", *world, *VILT_SMALL,
+                          "das.search.epochs=2", "das.search.das_turn=2", "das.search.max_steps_per_epoch=6"])
+    assert result["model"] == "ViltForVQA" and result["candidates"] == [["transformer", i] for i in range(4)]
+    # the task recipe passed the search's step hook: rounds ran in epoch 1 (steps 2, 4, 6) on val batches
+    assert len(result["reward_history"]) == 3 and all(r["epoch"] == 1 for r in result["reward_history"])
+    assert any(g != 0 for g in result["gates"])
+    finetune = load("finetune_vqa")
+    out = tmp_path / "finetune"
+    results = finetune.main(["--config", str(DAS / "configs" / "vilt_vqa_shapes.yaml"), "--output-dir", str(out),
+                             "--opts", *world, *VILT_SMALL, "train.epochs=1", "train.max_steps_per_epoch=2",
+                             "train.eval_every=1", f"das.skip_from={tmp_path / 'search' / 'skip.json'}"])
+    assert set(results) == {"val", "test"}
+    best = torch.load(out / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["methods"]["das"]["skip"] == result["skip"] and len(result["skip"]["transformer"]) == 1
+    assert any(k.startswith(f"vilt.blocks.{result['skip']['transformer'][0]}.adapter.") for k in best["model"])
+
+
+def test_meter_nlvr_finetuning_with_a_flat_skip_list(shapes_cache, tmp_path):
+    world = shapes_world_opts(shapes_cache, num_train=40, num_eval=10)
+    finetune = load("finetune_nlvr")
+    results = finetune.main(["--config", str(DAS / "configs" / "meter_nlvr_shapes.yaml"), "--output-dir", str(tmp_path),
+                             "--opts", *world, *METER_SMALL, "train.epochs=1", "train.max_steps_per_epoch=2",
+                             "train.eval_every=1", "das.skip_from=null", "das.skip=[1, 2]"])
+    assert set(results) == {"dev", "test"}
+    best = torch.load(tmp_path / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    assert best["methods"]["das"]["skip"] == {"text_fusion": [1], "image_fusion": [0]}
+
+
+def test_search_without_the_pretraining_output_says_how_to_make_it(tmp_path):
+    search = load("search")
+    with pytest.raises(ConfigError, match=r"the DAS search starts from pre-trained weights, but init.checkpoint "
+                                          r".*nowhere.pth does not exist. Make it first with: python "
+                                          r"examples/meter/pretrain.py"):
+        search.main(["--config", str(DAS / "configs" / "meter_vqa_shapes.yaml"), "--output-dir", str(tmp_path),
+                     "--opts", f"init.checkpoint={tmp_path / 'nowhere.pth'}"])

@@ -6,14 +6,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import PairCollator, PairDataset
-from torchmm_ext.engine import autocast_context, cleanup, config_to_dict, get_logger
-from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine import autocast_context, cleanup, config_to_dict, get_logger, wrap_ddp
+from torchmm_ext.engine.efficiency import method_step_hooks, prepare_model
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
@@ -96,18 +95,24 @@ def run_nlvr(
         loader = build_dataloader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
                                   num_workers=cfg.train.num_workers, collate_fn=collate, drop_last=True,
                                   seed=cfg.train.seed)
-        train_model = DistributedDataParallel(model) if dist.is_distributed else model
+        train_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
         def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
             out = model(**model_inputs(batch, INPUTS))
             acc = (out.logits.argmax(dim=-1) == batch["labels"]).float().mean()
             return StepOutput(out.loss, {"train_acc": 100.0 * acc})
 
+        # methods that act during training (the DAS search) score held-out batches of the dev split
+        step_hooks = method_step_hooks(
+            model, lambda: PairDataset(data.dev_files, test_transform, data.image_root or None, data.max_words)
+            if data.dev_files else None,
+            collate, cfg.train.batch_size, f"data.dev_files ({data.dev_files!r})",
+        )
         train_and_reload_best(
             model=model, train_model=train_model, loader=loader, step_fn=step_fn, train_cfg=cfg.train,
             device=dist.device, output_dir=output_dir, config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate("dev")) if "dev" in eval_sets else None,
-            best_metric_key="acc" if "dev" in eval_sets else None, resume=args.resume,
+            best_metric_key="acc" if "dev" in eval_sets else None, resume=args.resume, step_hooks=step_hooks,
         )
 
     results = {split: evaluate(split) for split in eval_sets}

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
@@ -22,6 +21,7 @@ from torchmm_ext.engine import (
     get_logger,
     is_main_process,
     save_checkpoint,
+    wrap_ddp,
 )
 from torchmm_ext.engine.distributed import all_reduce_sum
 from torchmm_ext.engine.efficiency import prepare_model
@@ -116,7 +116,7 @@ def run_pretrain(
         loader = build_dataloader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
                                   num_workers=cfg.train.num_workers, collate_fn=collate, drop_last=True,
                                   seed=cfg.train.seed)
-        train_model = DistributedDataParallel(model) if dist.is_distributed else model
+        train_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
         def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
             out = model(**model_inputs(batch, INPUTS))

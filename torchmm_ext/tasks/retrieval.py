@@ -9,14 +9,13 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn, Tensor
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import ImagesCollator, NegativesCollator, RetrievalEvalSet, RetrievalNegativesDataset
-from torchmm_ext.engine import all_gather_object, autocast_context, cleanup, config_to_dict, get_logger
-from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine import all_gather_object, autocast_context, cleanup, config_to_dict, get_logger, wrap_ddp
+from torchmm_ext.engine.efficiency import method_step_hooks, prepare_model
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
@@ -151,21 +150,29 @@ def run_retrieval(
     if not args.evaluate:
         train_set = RetrievalNegativesDataset(data.train_files, train_transform, data.image_root or None,
                                               data.num_negatives, data.max_words, data.skip_bad_samples)
+        collate = NegativesCollator(tokenizer, data.max_tokens)
         loader = build_dataloader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                                  num_workers=cfg.train.num_workers, collate_fn=NegativesCollator(tokenizer, data.max_tokens),
-                                  drop_last=True, seed=cfg.train.seed)
-        train_model = DistributedDataParallel(model) if dist.is_distributed else model
+                                  num_workers=cfg.train.num_workers, collate_fn=collate, drop_last=True,
+                                  seed=cfg.train.seed)
+        train_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
         def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
             out = model(**model_inputs(batch, INPUTS))
             acc = (out.scores.argmax(dim=-1) == 0).float().mean()
             return StepOutput(out.loss, {"train_acc": 100.0 * acc})
 
+        # methods that act during training (the DAS search) score held-out batches of the val
+        # split, read like the training split (each caption with sampled negatives)
+        step_hooks = method_step_hooks(
+            model, lambda: RetrievalNegativesDataset(data.val_files, test_transform, data.image_root or None,
+                                                     data.num_negatives, data.max_words) if data.val_files else None,
+            collate, cfg.train.batch_size, f"data.val_files ({data.val_files!r})",
+        )
         train_and_reload_best(
             model=model, train_model=train_model, loader=loader, step_fn=step_fn, train_cfg=cfg.train,
             device=dist.device, output_dir=output_dir, config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate("val")) if "val" in eval_sets else None,
-            best_metric_key="r_mean" if "val" in eval_sets else None, resume=args.resume,
+            best_metric_key="r_mean" if "val" in eval_sets else None, resume=args.resume, step_hooks=step_hooks,
         )
 
     results = {split: evaluate(split) for split in eval_sets}

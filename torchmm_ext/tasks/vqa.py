@@ -14,14 +14,21 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 
 from torchmm_ext.data.loader import build_dataloader, build_eval_dataloader
 from torchmm_ext.data.tokenizer import build_tokenizer
 from torchmm_ext.data.vl_tasks import AnswerVocab, ClassifierVQACollator, ClassifierVQADataset, is_arrow
-from torchmm_ext.engine import all_gather_object, autocast_context, cleanup, config_to_dict, get_logger, is_main_process
-from torchmm_ext.engine.efficiency import prepare_model
+from torchmm_ext.engine import (
+    all_gather_object,
+    autocast_context,
+    cleanup,
+    config_to_dict,
+    get_logger,
+    is_main_process,
+    wrap_ddp,
+)
+from torchmm_ext.engine.efficiency import method_step_hooks, prepare_model
 from torchmm_ext.engine.fit import train_and_reload_best
 from torchmm_ext.engine.recipe_utils import rank_shard, resolve_checkpoint, save_results, shapes_world_for_ranks, start_recipe
 from torchmm_ext.engine.train_loop import StepContext, StepOutput
@@ -170,7 +177,7 @@ def run_classifier_vqa(
         loader = build_dataloader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
                                   num_workers=cfg.train.num_workers, collate_fn=collate, drop_last=True,
                                   seed=cfg.train.seed)
-        train_model = DistributedDataParallel(model) if dist.is_distributed else model
+        train_model = wrap_ddp(model, dist, cfg.train.find_unused_parameters)
 
         def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
             out = model(**model_inputs(batch, INPUTS))
@@ -178,11 +185,17 @@ def run_classifier_vqa(
             score = batch["targets"].gather(1, best[:, None]).mean()
             return StepOutput(out.loss, {"train_vqa_score": 100.0 * score})
 
+        # methods that act during training (the DAS search) score held-out batches of the val split
+        step_hooks = method_step_hooks(
+            model, lambda: ClassifierVQADataset(data.val_files, vocab, test_transform, data.image_root or None,
+                                                "train", data.max_words) if data.val_files else None,
+            collate, cfg.train.batch_size, f"data.val_files ({data.val_files!r})",
+        )
         train_and_reload_best(
             model=model, train_model=train_model, loader=loader, step_fn=step_fn, train_cfg=cfg.train,
             device=dist.device, output_dir=output_dir, config_dict=config_to_dict(cfg),
             evaluate_fn=(lambda epoch: evaluate("val", f"vqa_result_val_epoch{epoch}")) if validate else None,
-            best_metric_key="vqa_score" if validate else None, resume=args.resume,
+            best_metric_key="vqa_score" if validate else None, resume=args.resume, step_hooks=step_hooks,
         )
 
     results = {split: evaluate(split, f"vqa_result_{split}") for split in eval_sets}

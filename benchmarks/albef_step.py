@@ -37,7 +37,7 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -240,6 +240,34 @@ class Config:
         self.flops: Optional[int] = None  # per iteration, counted in the first warm-up round
 
 
+# Ablations of ours (``--ours-ablations``): each names its task and the model attributes
+# (dotted paths) it sets for its own iterations, so the gain of one optimisation is measured
+# in the same run as the rest.
+OURS_ABLATIONS: Dict[str, tuple] = {
+    # autocast re-casts the fp32 momentum weights at each use, as before the bf16 shadows
+    "momentum-recast": ("train", {"momentum_shadows": False}),
+    # ITM re-rank on padded texts (grouped per image), as before the packed path
+    "padded-rerank": ("rerank", {"fusion_encoder.pack_below": 0.0}),
+}
+
+
+@contextmanager
+def ablated(model: nn.Module, ablation: Optional[str]):
+    """Sets the attributes of ``ablation`` on ``model`` for the block."""
+    settings = OURS_ABLATIONS[ablation][1] if ablation else {}
+    saved = []
+    for path, value in settings.items():
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 def train_config(
     impl: str,
     model: nn.Module,
@@ -248,6 +276,7 @@ def train_config(
     fused: bool,
     args: argparse.Namespace,
     device: torch.device,
+    ablation: Optional[str] = None,
 ) -> Config:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.02, fused=fused)
@@ -255,7 +284,7 @@ def train_config(
     def step() -> Dict[str, Tensor]:
         model.train()
         idx = inputs.next_idx()
-        with autocast_ctx(device, precision):
+        with ablated(model, ablation), autocast_ctx(device, precision):
             if impl == "ours":
                 out = model(inputs.image, inputs.ids, inputs.mask, idx, alpha=args.alpha)
                 losses = {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm}
@@ -273,7 +302,8 @@ def train_config(
         "task": "train",
         "impl": impl,
         "precision": precision,
-        "variant": "AdamW fused" if fused else "AdamW plain",
+        "variant": ("AdamW fused" if fused else "AdamW plain") + (f", {ablation}" if ablation else ""),
+        "ablation": ablation,
         "pairs_per_iter": inputs.batch,
     }
     return Config(row, step, cleanup)
@@ -358,6 +388,7 @@ def rerank_config(
     precision: str,
     variant: str,
     device: torch.device,
+    ablation: Optional[str] = None,
 ) -> Config:
     U, k = pools.U, pools.k
     flat_topk = pools.topk.reshape(-1)
@@ -409,14 +440,15 @@ def rerank_config(
 
     def call() -> Tensor:
         model.eval()
-        with torch.inference_mode(), autocast_ctx(device, precision):
+        with ablated(model, ablation), torch.inference_mode(), autocast_ctx(device, precision):
             return score()
 
     row = {
         "task": "rerank",
         "impl": impl,
         "precision": precision,
-        "variant": variant,
+        "variant": variant + (f", {ablation}" if ablation else ""),
+        "ablation": ablation,
         "pairs_per_iter": pools.pairs,
     }
     return Config(row, call)
@@ -473,7 +505,8 @@ def profile_train_step(
 
 
 def best(rows: List[Dict[str, Any]], task: str, impl: str) -> Optional[Dict[str, Any]]:
-    cands = [r for r in rows if r["task"] == task and r["impl"] == impl]
+    # Ablated variants of ours are comparisons, not our configuration.
+    cands = [r for r in rows if r["task"] == task and r["impl"] == impl and not r.get("ablation")]
     return max(cands, key=lambda r: r["pairs_per_s"]) if cands else None
 
 
@@ -522,7 +555,8 @@ def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"(target >= {target:.0f}x: {'met' if ratio >= target else 'NOT met'})"
         )
         for prec in meta["precisions"]:
-            o = [r for r in rows if r["task"] == task and r["impl"] == "ours" and r["precision"] == prec]
+            o = [r for r in rows if r["task"] == task and r["impl"] == "ours" and r["precision"] == prec
+                 and not r.get("ablation")]
             t = [r for r in rows if r["task"] == task and r["impl"] == "theirs" and r["precision"] == prec]
             if o and t:
                 tbest = max(t, key=lambda r: r["pairs_per_s"])
@@ -576,6 +610,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--impls", default="ours,theirs", help="comma list of ours,theirs")
     p.add_argument("--tasks", default="train,rerank", help="comma list of train,rerank")
     p.add_argument("--their-optimizers", default="plain,fused", help="AdamW variants for theirs")
+    p.add_argument(
+        "--ours-ablations", default="",
+        help=f"comma list of ablated variants of ours, timed too: {sorted(OURS_ABLATIONS)}",
+    )
     p.add_argument("--json", default=None, metavar="OUT", help="write raw numbers here")
     p.add_argument(
         "--profile", action="store_true",
@@ -594,6 +632,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     args.tasks = [s.strip() for s in args.tasks.split(",") if s.strip()]
     args.their_optimizers = [s.strip() for s in args.their_optimizers.split(",") if s.strip()]
+    args.ours_ablations = [s.strip() for s in args.ours_ablations.split(",") if s.strip()]
+    unknown = sorted(set(args.ours_ablations) - set(OURS_ABLATIONS))
+    if unknown:
+        p.error(f"unknown --ours-ablations {unknown}; choose from {sorted(OURS_ABLATIONS)}")
     if args.queue_size % args.batch_size:
         p.error("ALBEFModelWithSimilarity asserts queue_size % batch_size == 0")
     if args.batch_size < 2:
@@ -675,6 +717,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"median {1000 * row['median_s']:8.1f} ms  {row['pairs_per_s']:8.3f} pairs/s{flops}  "
               f"finite={row['finite']}{extra}", flush=True)
 
+    def ablations_of(task: str) -> List[str]:
+        return [a for a in args.ours_ablations if OURS_ABLATIONS[a][0] == task]
+
     sync = make_sync(device)
     if "train" in args.tasks:
         configs = []
@@ -683,6 +728,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 variants = [True] if impl == "ours" else [v == "fused" for v in args.their_optimizers]
                 for fused in variants:
                     configs.append(train_config(impl, models[impl], train_inputs, prec, fused, args, device))
+                if impl == "ours":
+                    for ablation in ablations_of("train"):
+                        configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
+                                                    device, ablation))
         print(f"training: {len(configs)} configs x ({args.warmup} warm-up + {args.steps} timed) rounds", flush=True)
         run_round_robin(configs, args.warmup, args.steps, sync, lambda c: record(finish_train(c)))
         del configs
@@ -696,6 +745,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 variants = ["shared K/V (image_index)"] if impl == "ours" else ["batched", "per-image loop"]
                 for variant in variants:
                     configs.append(rerank_config(impl, models[impl], pools, prec, variant, device))
+                if impl == "ours":
+                    for ablation in ablations_of("rerank"):
+                        configs.append(rerank_config(impl, models[impl], pools, prec, variants[0], device,
+                                                     ablation))
         print(f"re-rank: {len(configs)} configs x ({args.warmup} warm-up + {args.rerank_steps} timed) rounds", flush=True)
         # An evaluation runs all its re-rank calls inside one autocast context (as
         # torchmm_ext.evaluation does), so bf16 weight casts are made once and reused; give

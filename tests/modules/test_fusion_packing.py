@@ -25,14 +25,24 @@ def _fusion(**kw) -> ALBEFFusionEncoder:
 
 def test_pack_text_positions():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]])
-    packing = pack_text(mask, pairs_per_image=2)
+    packing = pack_text(mask, [2, 2])
     assert packing.index.tolist() == [0, 1, 3, 6, 7, 8, 9, 10]
     assert packing.first.tolist() == [0, 2, 3, 6]
     assert packing.image_rows == [3, 5]
+    assert pack_text(mask, [1, 3]).image_rows == [2, 6]
 
 
-@pytest.mark.parametrize("low_rank_self_attention", [False, True])
-def test_packed_itm_states_equal_padded_and_gathered_paths(low_rank_self_attention):
+def test_image_runs_detection():
+    from torchmm_ext.modules.text_encoder import _image_runs
+
+    assert _image_runs(torch.tensor([0, 0, 0, 1, 2, 2]), 3) == [3, 1, 2]
+    assert _image_runs(torch.tensor([0, 2, 2, 1]), 3) is None  # not in order
+    assert _image_runs(torch.tensor([0, 0, 2]), 3) is None  # image 1 unused
+    assert _image_runs(torch.tensor([0, 1, 0]), 2) is None  # image 0 in two runs
+
+
+@pytest.mark.parametrize("low_rank_self_attention,uneven", [(False, False), (True, False), (False, True)])
+def test_packed_itm_states_equal_padded_and_gathered_paths(low_rank_self_attention, uneven):
     fusion = _fusion()
     if low_rank_self_attention:  # PELA's factorised projection: the other first-token branch
         for layer in fusion.layer:
@@ -42,6 +52,8 @@ def test_packed_itm_states_equal_padded_and_gathered_paths(low_rank_self_attenti
             torch.nn.init.normal_(low[1].weight, std=0.2)
             layer.attention.input_proj = low
     images, text, mask, index = _pairs()
+    if uneven:  # runs of 5, 4, 3 pairs (a re-rank chunk that cuts an image's candidates)
+        index = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
     assert mask.sum() < 0.9 * mask.numel()  # enough padding for the packed path
     calls = []
     hook = FusionLayer.forward_packed
@@ -51,7 +63,7 @@ def test_packed_itm_states_equal_padded_and_gathered_paths(low_rank_self_attenti
     finally:
         FusionLayer.forward_packed = hook
     assert len(calls) == 3  # the packed path ran, once per layer
-    fusion.pack_below = 0.0  # never pack: the grouped padded path
+    fusion.pack_below = 0.0  # never pack: the grouped (or gathered, for uneven runs) padded path
     grouped = fusion(text, mask, images, image_index=index, cls_only=True).last_hidden_state
     gathered = fusion(text, mask, images[index]).last_hidden_state[:, :1]  # per-pair images, full
     assert packed.shape == (12, 1, 32)

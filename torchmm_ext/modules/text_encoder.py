@@ -14,7 +14,7 @@ The fusion layers are assembled from the same primitives (``MultiHeadSelfAttenti
 keys/values once and gathers them per pair (``image_index``), which it cannot do.
 """
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,18 @@ def albef_text_encoder(
     return text_encoder
 
 
+def _image_runs(image_index: Tensor, num_images: int) -> Optional[List[int]]:
+    """The run length of each image if ``image_index`` is ``0..0, 1..1, ..., U-1..U-1`` (every
+    image in one run, in order, runs of any length), else ``None``."""
+    if num_images == 0 or image_index.numel() < num_images:
+        return None
+    runs = torch.bincount(image_index, minlength=num_images)
+    expected = torch.repeat_interleave(torch.arange(num_images, device=image_index.device), runs)
+    if runs.numel() != num_images or not torch.equal(image_index, expected) or bool((runs == 0).any()):
+        return None
+    return runs.tolist()
+
+
 def _runs_per_image(image_index: Tensor, num_images: int) -> Optional[int]:
     """``k`` if ``image_index == arange(num_images).repeat_interleave(k)``, else ``None``."""
     pairs = image_index.numel()
@@ -156,6 +168,7 @@ class TextPacking(NamedTuple):
     Attributes:
         index (Tensor): ``[T]`` flat padded position ``p * L + t`` of each packed token.
         first (Tensor): ``[P]`` packed row of each pair's first (CLS) token.
+        image_pairs (List[int]): pairs of each image (its run of pairs; ``U`` ints).
         image_rows (List[int]): packed tokens of each image's run of pairs (``U`` ints).
         pairs (int): ``P``.
         length (int): ``L``.
@@ -163,20 +176,22 @@ class TextPacking(NamedTuple):
 
     index: Tensor
     first: Tensor
+    image_pairs: List[int]
     image_rows: List[int]
     pairs: int
     length: int
 
 
-def pack_text(attention_mask: Tensor, pairs_per_image: int) -> TextPacking:
-    """The :class:`TextPacking` of a ``[P, L]`` 1/0 padding mask whose pairs come in runs of
-    ``pairs_per_image`` per image. Every text must keep its first token."""
+def pack_text(attention_mask: Tensor, image_pairs: Sequence[int]) -> TextPacking:
+    """The :class:`TextPacking` of a ``[P, L]`` 1/0 padding mask whose pairs come in runs per
+    image, ``image_pairs[u]`` pairs for image ``u``. Every text must keep its first token."""
     mask = attention_mask.bool()
     pairs, length = mask.shape
     counts = mask.sum(dim=1)
     first = torch.cumsum(counts, 0) - counts
-    per_image = counts.view(-1, pairs_per_image).sum(dim=1)
-    return TextPacking(mask.reshape(-1).nonzero().squeeze(1), first, per_image.tolist(), pairs, length)
+    per_image = [int(c.sum()) for c in counts.split(list(image_pairs))]
+    return TextPacking(mask.reshape(-1).nonzero().squeeze(1), first, list(image_pairs), per_image,
+                       pairs, length)
 
 
 def _unpack(packed: Tensor, packing: TextPacking) -> Tensor:
@@ -304,13 +319,13 @@ class FusionLayer(nn.Module):
         Token-wise work (projections, feed-forward, LayerNorms) runs on the real tokens only;
         the self-attention scatters its keys/values back to the padded layout for one SDPA
         call; the cross-attention runs one SDPA call per image over the queries of its pairs.
-        Same result as :meth:`forward` with ``pairs_per_image`` (``k``) on the real tokens.
+        Same result as :meth:`forward` (with ``image_index`` giving those runs) on the real tokens.
 
         Inputs:
             x (Tensor): packed text states ``[T, D]`` (:class:`TextPacking` order).
-            packing (TextPacking): where the rows sit; pairs in runs of ``k`` per image.
+            packing (TextPacking): where the rows sit; pairs in one run per image.
             text_mask (Tensor): boolean SDPA padding mask ``[P, 1, 1, L]``.
-            image_embeddings (Tensor): ``[U, N, Dv]``, image ``u`` for pairs ``u*k..u*k+k-1``.
+            image_embeddings (Tensor): ``[U, N, Dv]``, image ``u`` for the ``u``-th run of pairs.
             first_token_only (bool): compute the first (CLS) token of each pair only.
 
         Returns:
@@ -331,7 +346,7 @@ class FusionLayer(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, 1, d/H]
             attended = attn.output_proj(out.transpose(1, 2).reshape(packing.pairs, d))
             x = x[packing.first]
-            rows = [packing.pairs // len(packing.image_rows)] * len(packing.image_rows)  # k per image
+            rows = packing.image_pairs
         else:
             q, k, v = (_heads(t, h) for t in _unpack(attn.input_proj(x), packing).chunk(3, dim=-1))
             out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, L, d/H]
@@ -451,8 +466,8 @@ class ALBEFFusionEncoder(nn.Module):
         return_hidden_states (bool): also return each layer's output.
         cls_only (bool): the last layer computes only the CLS state (``last_hidden_state``
             is then ``[P, 1, D]``); what ITM scoring needs, at a fraction of the cost. In eval
-            mode with pairs in runs of ``k`` per image (``image_index`` =
-            ``arange(U).repeat_interleave(k)``), padded texts are then packed
+            mode with the pairs of each image in one run (``image_index`` non-decreasing, every
+            image used, e.g. ``arange(U).repeat_interleave(k)``), padded texts are then packed
             (:meth:`FusionLayer.forward_packed`): no work on padding tokens.
 
     Returns:
@@ -506,22 +521,25 @@ class ALBEFFusionEncoder(nn.Module):
         x = text_embeddings
         cross_attention = None
         hidden_states: List[Tensor] = []
-        pairs_per_image = None
-        if image_index is not None and image_mask is None:
-            pairs_per_image = _runs_per_image(image_index, image_embeddings.size(0))
+        pairs_per_image = image_runs = None
         if (
-            pairs_per_image is not None and cls_only and not self.training and not self.causal
-            and return_cross_attention_layer is None and not return_hidden_states
+            image_index is not None and image_mask is None and cls_only and not self.training
+            and not self.causal and return_cross_attention_layer is None and not return_hidden_states
             and all(type(layer) is FusionLayer for layer in self.layer)  # no adapters, skips
             and text_attention_mask.sum() <= self.pack_below * text_attention_mask.numel()
         ):
-            # ITM scoring of padded texts: the token-wise work on the real tokens only.
-            packing = pack_text(text_attention_mask, pairs_per_image)
+            image_runs = _image_runs(image_index, image_embeddings.size(0))
+        if image_runs is not None:
+            # ITM scoring of padded texts, pairs in runs per image: the token-wise work on the
+            # real tokens only.
+            packing = pack_text(text_attention_mask, image_runs)
             x = text_embeddings.reshape(-1, text_embeddings.size(-1))[packing.index]
             for i, layer in enumerate(self.layer):
                 x = layer.forward_packed(x, packing, text_mask, image_embeddings,
                                          first_token_only=i == len(self.layer) - 1)
             return FusionOutput(x.unsqueeze(1))
+        if image_index is not None and image_mask is None:
+            pairs_per_image = _runs_per_image(image_index, image_embeddings.size(0))
         for i, layer in enumerate(self.layer):
             x, probs = layer(
                 x,

@@ -28,6 +28,7 @@ load spikes); the mean-based figure is printed too and all raw times go to ``--j
 """
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -57,7 +58,7 @@ EMBED = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def random_captions(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def random_captions(n: int, length: int, gen: torch.Generator, vocab_size: int = VOCAB_SIZE) -> tuple[Tensor, Tensor]:
     """Random token ids ``[n, length]`` with realistic right padding and a 1/0 LongTensor mask.
 
     Caption lengths are drawn uniformly in ``[length // 3, length]``; the first caption always
@@ -67,7 +68,7 @@ def random_captions(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, 
     lengths[0] = length
     positions = torch.arange(length).view(1, -1)
     mask = (positions < lengths.view(-1, 1)).long()
-    ids = torch.randint(1000, VOCAB_SIZE, (n, length), generator=gen)
+    ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (n, length), generator=gen)
     ids[:, 0] = CLS_ID
     ids[torch.arange(n), lengths - 1] = SEP_ID
     ids = ids.masked_fill(mask == 0, PAD_ID)
@@ -83,10 +84,10 @@ def random_images(n: int, image_size: int, gen: torch.Generator) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_ours(image_size: int, queue_size: int) -> nn.Module:
+def build_ours(image_size: int, queue_size: int, preset: str = "base") -> nn.Module:
     from torchmm_ext.models.albef import albef_model_for_retrieval
 
-    return albef_model_for_retrieval("base", image_size=image_size, queue_size=queue_size)
+    return albef_model_for_retrieval(preset, image_size=image_size, queue_size=queue_size)
 
 
 class TMMRetrievalBaseline(nn.Module):
@@ -211,11 +212,12 @@ def summarize(times: List[float], pairs: int, flops: Optional[int] = None) -> Di
 
 
 class TrainInputs:
-    def __init__(self, batch: int, image_size: int, text_len: int, device: torch.device, seed: int):
+    def __init__(self, batch: int, image_size: int, text_len: int, device: torch.device, seed: int,
+                 vocab_size: int = VOCAB_SIZE):
         gen = torch.Generator().manual_seed(seed)
         self.batch = batch
         self.image = random_images(batch, image_size, gen).to(device)
-        ids, mask = random_captions(batch, text_len, gen)
+        ids, mask = random_captions(batch, text_len, gen, vocab_size)
         self.ids, self.mask = ids.to(device), mask.to(device)
         self.step = 0
         self.device = device
@@ -238,6 +240,8 @@ class Config:
         self.times: List[float] = []
         self.results: List[Any] = []
         self.flops: Optional[int] = None  # per iteration, counted in the first warm-up round
+        self.first_call_s: Optional[float] = None  # the first (FLOP-counted) call
+        self.warmup_times: List[float] = []
 
 
 # Ablations of ours (``--ours-ablations``): each names its task and the model attributes
@@ -277,7 +281,13 @@ def train_config(
     args: argparse.Namespace,
     device: torch.device,
     ablation: Optional[str] = None,
+    compiled: bool = False,
 ) -> Config:
+    if compiled:  # a copy whose blocks are compiled (torchmm_ext's train.compile switch)
+        from torchmm_ext.engine.fit import compile_blocks
+
+        model = copy.deepcopy(model)
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.02, fused=fused)
 
@@ -302,8 +312,9 @@ def train_config(
         "task": "train",
         "impl": impl,
         "precision": precision,
-        "variant": ("AdamW fused" if fused else "AdamW plain") + (f", {ablation}" if ablation else ""),
-        "ablation": ablation,
+        "variant": ("AdamW fused" if fused else "AdamW plain") + (f", {ablation}" if ablation else "")
+        + (", compiled blocks" if compiled else ""),
+        "ablation": ablation or ("compiled" if compiled else None),
         "pairs_per_iter": inputs.batch,
     }
     return Config(row, step, cleanup)
@@ -313,7 +324,12 @@ def finish_train(cfg: Config) -> Dict[str, Any]:
     losses = {k: [float(r[k]) for r in cfg.results] for k in cfg.results[0]}
     finite = all(math.isfinite(v) for vals in losses.values() for v in vals)
     return {**cfg.row, "times_s": cfg.times, "losses": losses, "finite": finite,
+            "first_call_s": cfg.first_call_s, "warmup_times_s": cfg.warmup_times,
             **summarize(cfg.times, cfg.row["pairs_per_iter"], cfg.flops)}
+
+
+def first_call_seconds(cfg: "Config") -> Optional[float]:
+    return cfg.first_call_s
 
 
 def run_round_robin(
@@ -327,18 +343,22 @@ def run_round_robin(
     of one iteration are counted in the first (untimed) round, or in an extra untimed call
     when there is no warm-up.
     """
+    def counted_call(cfg: Config) -> None:
+        t0 = time.perf_counter()
+        with flop_counter() as counter:
+            cfg.fn()
+        sync()
+        cfg.first_call_s = time.perf_counter() - t0
+        cfg.flops = counter.get_total_flops()
+
     if warmup == 0:
         for cfg in configs:
-            with flop_counter() as counter:
-                cfg.fn()
-            cfg.flops = counter.get_total_flops()
+            counted_call(cfg)
     for r in range(warmup + steps):
         t_round = time.perf_counter()
         for cfg in configs:
             if cfg.flops is None:
-                with flop_counter() as counter:
-                    cfg.fn()
-                cfg.flops = counter.get_total_flops()
+                counted_call(cfg)
                 continue
             sync()
             t0 = time.perf_counter()
@@ -348,6 +368,8 @@ def run_round_robin(
             if r >= warmup:
                 cfg.times.append(dt)
                 cfg.results.append(out)
+            else:
+                cfg.warmup_times.append(dt)
         tag = "warm-up" if r < warmup else "timed"
         print(f"  round {r + 1}/{warmup + steps} ({tag}) {time.perf_counter() - t_round:.1f}s  "
               f"load {load_average()}", flush=True)
@@ -367,13 +389,13 @@ class RerankPools:
 
     def __init__(
         self, images: int, k: int, text_pool: int, image_size: int, text_len: int,
-        device: torch.device, seed: int,
+        device: torch.device, seed: int, vocab_size: int = VOCAB_SIZE,
     ):
         gen = torch.Generator().manual_seed(seed)
         self.U, self.k = images, k
         self.pairs = images * k
         self.images = random_images(images, image_size, gen).to(device)
-        ids, mask = random_captions(text_pool, text_len, gen)
+        ids, mask = random_captions(text_pool, text_len, gen, vocab_size)
         self.ids, self.mask = ids.to(device), mask.to(device)
         # [U, k] distinct text indices per image.
         topk = torch.stack([torch.randperm(text_pool, generator=gen)[:k] for _ in range(images)])
@@ -538,6 +560,14 @@ def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"{'yes' if r['finite'] else 'NO'} | {ratio} |"
         )
     lines.append("")
+    for r in rows:
+        if r.get("ablation") == "compiled":
+            # Dynamo does not compile under the FLOP counter's dispatch mode, so compilation
+            # happens in the first warm-up step that follows it.
+            slowest = max(r["warmup_times_s"] + [r["first_call_s"]])
+            lines.append(f"Compiled blocks ({r['precision']}): slowest warm-up step {slowest:.1f} s "
+                         f"(compilation) against a median step of {r['median_s']:.2f} s.")
+            lines.append("")
     if not any(meta["peak_tflops"].values()):
         lines.append("MFU: no peak known for this device (CPUs are not in the table of "
                      "`torchmm_ext.engine.flops.peak_tflops`); TFLOP/s are absolute.")
@@ -614,6 +644,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--ours-ablations", default="",
         help=f"comma list of ablated variants of ours, timed too: {sorted(OURS_ABLATIONS)}",
     )
+    p.add_argument("--preset", default="base", choices=["base", "tiny"],
+                   help="size of ours (theirs exists at base size only)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our training step with compiled blocks (train.compile: true)")
     p.add_argument("--json", default=None, metavar="OUT", help="write raw numbers here")
     p.add_argument(
         "--profile", action="store_true",
@@ -625,6 +659,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (20 if gpu else 5)
     args.rerank_steps = args.rerank_steps if args.rerank_steps is not None else (20 if gpu else 5)
     args.batch_size = args.batch_size or (32 if gpu else 4)
+    if args.preset != "base" and "theirs" in args.impls:
+        p.error("TorchMultimodal's ALBEF exists at base size only: use --impls ours with --preset tiny")
     args.image_size = args.image_size or (384 if gpu else 224)
     args.rerank_images = args.rerank_images or (8 if gpu else 2)
     args.rerank_k = args.rerank_k or (32 if gpu else 16)
@@ -661,6 +697,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "preset": args.preset,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "text_len": args.text_len,
@@ -694,14 +731,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     for impl in args.impls:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
-        models[impl] = builders[impl](args.image_size, args.queue_size).to(device)
+        kwargs = {"preset": args.preset} if impl == "ours" else {}
+        models[impl] = builders[impl](args.image_size, args.queue_size, **kwargs).to(device)
         meta[f"params_{impl}"] = count_params(models[impl])
         print(f"built {impl}: {meta[f'params_{impl}']} in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    train_inputs = TrainInputs(args.batch_size, args.image_size, args.text_len, device, args.seed + 1)
+    vocab_size = VOCAB_SIZE
+    if "ours" in models:
+        vocab_size = models["ours"].text_encoder.embeddings.word_embeddings.num_embeddings
+    train_inputs = TrainInputs(args.batch_size, args.image_size, args.text_len, device, args.seed + 1,
+                               vocab_size)
     pools = RerankPools(
         args.rerank_images, args.rerank_k, max(64, args.rerank_k * 2), args.image_size,
-        args.text_len, device, args.seed + 2,
+        args.text_len, device, args.seed + 2, vocab_size,
     )
 
     rows: List[Dict[str, Any]] = []
@@ -713,6 +755,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             extra = "  loss=" + ", ".join(f"{k}={v[-1]:.4f}" for k, v in row["losses"].items())
         flops = "" if row["flops_per_iter"] is None else (
             f"  {row['flops_per_iter'] / 1e9:.1f} GFLOP  {row['tflops_per_s']:.3f} TFLOP/s")
+        if row.get("first_call_s") is not None:
+            extra += f"  first call {row['first_call_s']:.1f}s"
         print(f"  {row['task']:6s} {row['impl']:6s} {row['precision']:4s} {row['variant']:15s} "
               f"median {1000 * row['median_s']:8.1f} ms  {row['pairs_per_s']:8.3f} pairs/s{flops}  "
               f"finite={row['finite']}{extra}", flush=True)
@@ -732,6 +776,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for ablation in ablations_of("train"):
                         configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
                                                     device, ablation))
+                    if args.compile:
+                        configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
+                                                    device, compiled=True))
         print(f"training: {len(configs)} configs x ({args.warmup} warm-up + {args.steps} timed) rounds", flush=True)
         run_round_robin(configs, args.warmup, args.steps, sync, lambda c: record(finish_train(c)))
         del configs

@@ -149,7 +149,8 @@ class MomentumCopiesMixin:
         Under autocast (e.g. bf16), the copies' linear / conv weights and biases are replaced,
         for the block only, by low-precision shadows written in the same pass as the EMA.
         Autocast caches the casts of weights that require gradient only, so without shadows it
-        re-casts every momentum weight at each use (~150M weights per step for a base ALBEF).
+        re-casts every momentum weight at each use (most of the ~150M momentum parameters of a
+        base ALBEF for retrieval, every step).
         A shadow holds exactly the value autocast's cast would give, so outputs are unchanged;
         the fp32 momentum weights (the EMA's state) are unchanged too. Without autocast this is
         the plain EMA step.
@@ -179,7 +180,8 @@ class MomentumCopiesMixin:
                     if p is None or p.dtype != torch.float32 or id(p) not in paired:
                         continue
                     entry = cache.get(id(p))
-                    if entry is None or entry[0] is not p or entry[1].shape != p.shape or entry[1].dtype != low:
+                    if (entry is None or entry[0] is not p or entry[1].shape != p.shape
+                            or entry[1].dtype != low or entry[1].device != p.device):
                         entry = (p, torch.empty_like(p, dtype=low))
                     shadows[id(p)] = entry[1]
                     swaps.append((module, name, p))

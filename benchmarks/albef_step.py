@@ -797,7 +797,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         configs = []
         for prec in args.precisions:
             for impl in args.impls:
-                variants = ["shared K/V (image_index)"] if impl == "ours" else ["batched", "per-image loop"]
+                variants = ["shared K/V, packed texts"] if impl == "ours" else ["batched", "per-image loop"]
                 for variant in variants:
                     configs.append(rerank_config(impl, models[impl], pools, prec, variant, device))
                 if impl == "ours":

@@ -136,3 +136,18 @@ def test_fp32_training_forward_is_unchanged_by_the_switch():
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert not getattr(model, "_momentum_shadow_cache", {})  # no shadow made without autocast
+
+
+def test_no_shadows_when_no_momentum_feature_is_read():
+    # The default shapes job: no queue, in-batch online ITC columns, alpha 0: the momentum
+    # forward passes are skipped, so no bf16 copy is made; the EMA still runs.
+    torch.manual_seed(0)
+    model = albef_model_for_retrieval("tiny", queue_size=0, itc_online_batch=True, **SMALL)
+    _perturb_online(model)
+    before = [p.clone() for m in model._momentum_pairs()[1] for p in m.parameters()]
+    image, ids, mask = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(image, ids, mask, torch.tensor([0, 1, 2, 3]), alpha=0.0)
+    assert not getattr(model, "_momentum_shadow_cache", {})
+    after = [p for m in model._momentum_pairs()[1] for p in m.parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(after, before))

@@ -142,7 +142,7 @@ class MomentumCopiesMixin:
         raise NotImplementedError
 
     @contextmanager
-    def momentum_step(self) -> Iterator[None]:
+    def momentum_step(self, forward: bool = True) -> Iterator[None]:
         """One EMA step of the momentum copies (ALBEF's ``_momentum_update``); their forward
         passes of this training step run inside the block.
 
@@ -157,13 +157,19 @@ class MomentumCopiesMixin:
 
         Nested calls (pre-training's forward around retrieval's ``itc_itm_losses``) make one
         EMA step, at the outermost.
+
+        Args:
+            forward (bool): the momentum copies run inside the block; False makes no shadows
+                (the EMA alone, e.g. when no momentum feature is needed).
         """
         if getattr(self, "_momentum_step_active", False):
             yield
             return
         online, copies = self._momentum_pairs()
         first = next((p for m in copies for p in m.parameters()), None)
-        low = None if first is None or not self.momentum_shadows else autocast_dtype(first.device)
+        low = None
+        if forward and first is not None and self.momentum_shadows:
+            low = autocast_dtype(first.device)
         swaps: List[Tuple[nn.Module, str, Tensor]] = []
         shadows: Dict[int, Tensor] = {}
         if low is not None:

@@ -142,6 +142,12 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         return online, copies
 
 
+    def _needs_momentum_features(self, alpha: float) -> bool:
+        """Whether ITC reads momentum features. Without a queue, distillation or momentum batch
+        columns (training from scratch) it does not, and their forward passes are skipped (the
+        EMA step still runs)."""
+        return self.queue.size > 0 or alpha > 0 or not self.itc_online_batch
+
     def encode_image(self, image: Tensor, guidance: Optional[Tensor] = None) -> ImageEncoding:
         """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``.
 
@@ -240,10 +246,8 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         image_m = sim_i2t_m = sim_t2i_m = None
         # The EMA step; the momentum forward passes run inside it (on low-precision shadows
         # of the momentum weights under autocast).
-        with self.momentum_step():
-            # Without a queue, distillation or momentum batch columns (training from scratch) no
-            # momentum feature is read: their forward passes are skipped (the EMA step still runs).
-            if self.queue.size > 0 or alpha > 0 or not self.itc_online_batch:
+        with self.momentum_step(forward=self._needs_momentum_features(alpha)):
+            if self._needs_momentum_features(alpha):
                 with torch.no_grad():
                     text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
                     text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()

@@ -20,6 +20,12 @@ Usage::
     python benchmarks/albef_step.py --device cpu
     python benchmarks/albef_step.py --device cuda --json results.json
     python benchmarks/albef_step.py --device cpu --profile   # + torch.profiler of one step of ours
+    # one thread on a shared CPU, with our variants timed in the same rounds:
+    OMP_NUM_THREADS=1 python benchmarks/albef_step.py --device cpu --threads 1 \
+        --ours-ablations momentum-recast,padded-rerank
+    # train.compile on the tiny preset (ours only; compilation shows in the warm-up rounds):
+    python benchmarks/albef_step.py --device cpu --preset tiny --impls ours --tasks train \
+        --batch-size 64 --image-size 64 --queue-size 4096 --compile
 
 Configurations are run round-robin (one iteration of each in turn per round, the first
 ``--warmup`` rounds untimed) so that background load on a shared machine hits them alike.

@@ -488,8 +488,9 @@ class ALBEFFusionEncoder(nn.Module):
         super().__init__()
         self.causal = causal
         #: ITM scoring (``cls_only`` with pairs in runs per image, eval mode) packs the text
-        #: tokens when at most this share of them is real (padding >= 10%): below that the
-        #: scatter/gather around the self-attention costs more than the padding rows.
+        #: tokens when at most this share of them is real (padding >= 10%). A set value, not a
+        #: tuned one: with little padding there is little to save, and packing adds a scatter
+        #: and a gather around each self-attention. 0 turns packing off.
         self.pack_below = 0.9
         self.layer = nn.ModuleList(
             FusionLayer(width, image_width, num_heads, ffn_dim, dropout, layer_norm_eps)

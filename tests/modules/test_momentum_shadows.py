@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from torchmm_ext.models.albef import (
+    albef_model_for_nlvr,
     albef_model_for_pretraining,
     albef_model_for_retrieval,
     albef_model_for_ve,
+    albef_model_for_vqa,
 )
 from torchmm_ext.modules import momentum as momentum_module
 from torchmm_ext.modules.momentum import momentum_update
@@ -69,7 +71,7 @@ def _first_linear_weight_dtype(module: nn.Module, seen: list):
     return linear.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
 
 
-@pytest.mark.parametrize("task", ["retrieval", "pretraining", "ve"])
+@pytest.mark.parametrize("task", ["retrieval", "pretraining", "ve", "nlvr", "vqa"])
 def test_bf16_training_forward_with_shadows_equals_plain_autocast(task):
     torch.manual_seed(0)
     if task == "retrieval":
@@ -77,7 +79,9 @@ def test_bf16_training_forward_with_shadows_equals_plain_autocast(task):
     elif task == "pretraining":
         model = albef_model_for_pretraining("tiny", queue_size=8, mask_token_id=3, cls_token_id=1, **SMALL)
     else:
-        model = albef_model_for_ve("tiny", **{k: v for k, v in SMALL.items() if k != "embed_dim"})
+        sizes = {k: v for k, v in SMALL.items() if k != "embed_dim"}
+        builder = {"ve": albef_model_for_ve, "nlvr": albef_model_for_nlvr, "vqa": albef_model_for_vqa}[task]
+        model = builder("tiny", **sizes)
     _perturb_online(model)
     shadowed, plain = model, copy.deepcopy(model)
     plain.momentum_shadows = False
@@ -94,6 +98,13 @@ def test_bf16_training_forward_with_shadows_equals_plain_autocast(task):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             if task == "ve":
                 out = m(image, ids, mask, torch.tensor([0, 1, 2, 1]), alpha=0.4)
+            elif task == "nlvr":  # image pairs [B, 2, 3, H, W]
+                out = m(torch.stack([image, image.flip(0)], dim=1), ids, mask, torch.tensor([0, 1, 1, 0]),
+                        alpha=0.4)
+            elif task == "vqa":  # the captions as questions, answers with a tied LM head
+                answers = ids[:, :5].clone()
+                out = m(image, ids, mask, answers, torch.ones_like(answers), torch.full((4,), 0.5),
+                        torch.arange(4), alpha=0.4)
             else:
                 out = m(image, ids, mask, alpha=0.4, **({"idx": torch.tensor([0, 1, 2, 1])} if task == "retrieval" else {}))
         hook.remove()
@@ -118,7 +129,7 @@ def test_bf16_training_forward_with_shadows_equals_plain_autocast(task):
         assert p_s is orig and isinstance(p_s, nn.Parameter) and p_s.dtype == torch.float32
         assert torch.equal(p_s, p_p)
         torch.testing.assert_close(p_s, torch.lerp(p_0, p_on.detach(), ema), atol=1e-6, rtol=1e-5)
-    if task != "ve":
+    if task in ("retrieval", "pretraining"):
         assert torch.equal(shadowed.queue.image_queue, plain.queue.image_queue)
 
 

@@ -20,6 +20,12 @@ Usage::
     python benchmarks/albef_step.py --device cpu
     python benchmarks/albef_step.py --device cuda --json results.json
     python benchmarks/albef_step.py --device cpu --profile   # + torch.profiler of one step of ours
+    # one thread on a shared CPU, with our variants timed in the same rounds:
+    OMP_NUM_THREADS=1 python benchmarks/albef_step.py --device cpu --threads 1 \
+        --ours-ablations momentum-recast,padded-rerank
+    # train.compile on the tiny preset (ours only; compilation shows in the warm-up rounds):
+    python benchmarks/albef_step.py --device cpu --preset tiny --impls ours --tasks train \
+        --batch-size 64 --image-size 64 --queue-size 4096 --compile
 
 Configurations are run round-robin (one iteration of each in turn per round, the first
 ``--warmup`` rounds untimed) so that background load on a shared machine hits them alike.
@@ -28,6 +34,7 @@ load spikes); the mean-based figure is printed too and all raw times go to ``--j
 """
 
 import argparse
+import copy
 import datetime
 import gc
 import json
@@ -37,10 +44,11 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+import torch.nn.attention
 import torch.nn.functional as F
 from torch import nn, Tensor
 
@@ -57,7 +65,7 @@ EMBED = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def random_captions(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def random_captions(n: int, length: int, gen: torch.Generator, vocab_size: int = VOCAB_SIZE) -> tuple[Tensor, Tensor]:
     """Random token ids ``[n, length]`` with realistic right padding and a 1/0 LongTensor mask.
 
     Caption lengths are drawn uniformly in ``[length // 3, length]``; the first caption always
@@ -67,7 +75,7 @@ def random_captions(n: int, length: int, gen: torch.Generator) -> tuple[Tensor, 
     lengths[0] = length
     positions = torch.arange(length).view(1, -1)
     mask = (positions < lengths.view(-1, 1)).long()
-    ids = torch.randint(1000, VOCAB_SIZE, (n, length), generator=gen)
+    ids = torch.randint(min(1000, vocab_size // 2), vocab_size, (n, length), generator=gen)
     ids[:, 0] = CLS_ID
     ids[torch.arange(n), lengths - 1] = SEP_ID
     ids = ids.masked_fill(mask == 0, PAD_ID)
@@ -83,10 +91,10 @@ def random_images(n: int, image_size: int, gen: torch.Generator) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_ours(image_size: int, queue_size: int) -> nn.Module:
+def build_ours(image_size: int, queue_size: int, preset: str = "base") -> nn.Module:
     from torchmm_ext.models.albef import albef_model_for_retrieval
 
-    return albef_model_for_retrieval("base", image_size=image_size, queue_size=queue_size)
+    return albef_model_for_retrieval(preset, image_size=image_size, queue_size=queue_size)
 
 
 class TMMRetrievalBaseline(nn.Module):
@@ -211,11 +219,12 @@ def summarize(times: List[float], pairs: int, flops: Optional[int] = None) -> Di
 
 
 class TrainInputs:
-    def __init__(self, batch: int, image_size: int, text_len: int, device: torch.device, seed: int):
+    def __init__(self, batch: int, image_size: int, text_len: int, device: torch.device, seed: int,
+                 vocab_size: int = VOCAB_SIZE):
         gen = torch.Generator().manual_seed(seed)
         self.batch = batch
         self.image = random_images(batch, image_size, gen).to(device)
-        ids, mask = random_captions(batch, text_len, gen)
+        ids, mask = random_captions(batch, text_len, gen, vocab_size)
         self.ids, self.mask = ids.to(device), mask.to(device)
         self.step = 0
         self.device = device
@@ -238,6 +247,41 @@ class Config:
         self.times: List[float] = []
         self.results: List[Any] = []
         self.flops: Optional[int] = None  # per iteration, counted in the first warm-up round
+        self.first_call_s: Optional[float] = None  # the first (FLOP-counted) call
+        self.warmup_times: List[float] = []
+
+
+# Variants of ours (``--ours-ablations``): an optimisation turned off, or a candidate one
+# turned on. Each names its task, the model attributes (dotted paths) it sets and optionally a
+# context its iterations run in, so its effect is measured in the same run as the rest.
+OURS_ABLATIONS: Dict[str, tuple] = {
+    # autocast re-casts the fp32 momentum weights at each use, as before the bf16 shadows
+    "momentum-recast": ("train", {"momentum_shadows": False}, None),
+    # ITM re-rank on padded texts (grouped per image), as before the packed path
+    "padded-rerank": ("rerank", {"fusion_encoder.pack_below": 0.0}, None),
+    # candidate: SDPA's math backend (its backward is plain matmuls) instead of the CPU flash
+    # kernel, whose backward is the slowest op of our bf16 step on the CPU
+    "sdpa-math": ("train", {}, lambda: torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])),
+}
+
+
+@contextmanager
+def ablated(model: nn.Module, ablation: Optional[str]):
+    """Sets the attributes of ``ablation`` on ``model`` for the block."""
+    settings = OURS_ABLATIONS[ablation][1] if ablation else {}
+    context = OURS_ABLATIONS[ablation][2] if ablation else None
+    saved = []
+    for path, value in settings.items():
+        owner_path, _, name = path.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+    try:
+        with context() if context else nullcontext():
+            yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def train_config(
@@ -248,14 +292,21 @@ def train_config(
     fused: bool,
     args: argparse.Namespace,
     device: torch.device,
+    ablation: Optional[str] = None,
+    compiled: bool = False,
 ) -> Config:
+    if compiled:  # a copy whose blocks are compiled (torchmm_ext's train.compile switch)
+        from torchmm_ext.engine.fit import compile_blocks
+
+        model = copy.deepcopy(model)
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.02, fused=fused)
 
     def step() -> Dict[str, Tensor]:
         model.train()
         idx = inputs.next_idx()
-        with autocast_ctx(device, precision):
+        with ablated(model, ablation), autocast_ctx(device, precision):
             if impl == "ours":
                 out = model(inputs.image, inputs.ids, inputs.mask, idx, alpha=args.alpha)
                 losses = {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm}
@@ -273,7 +324,9 @@ def train_config(
         "task": "train",
         "impl": impl,
         "precision": precision,
-        "variant": "AdamW fused" if fused else "AdamW plain",
+        "variant": ("AdamW fused" if fused else "AdamW plain") + (f", {ablation}" if ablation else "")
+        + (", compiled blocks" if compiled else ""),
+        "ablation": ablation or ("compiled" if compiled else None),
         "pairs_per_iter": inputs.batch,
     }
     return Config(row, step, cleanup)
@@ -283,7 +336,12 @@ def finish_train(cfg: Config) -> Dict[str, Any]:
     losses = {k: [float(r[k]) for r in cfg.results] for k in cfg.results[0]}
     finite = all(math.isfinite(v) for vals in losses.values() for v in vals)
     return {**cfg.row, "times_s": cfg.times, "losses": losses, "finite": finite,
+            "first_call_s": cfg.first_call_s, "warmup_times_s": cfg.warmup_times,
             **summarize(cfg.times, cfg.row["pairs_per_iter"], cfg.flops)}
+
+
+def first_call_seconds(cfg: "Config") -> Optional[float]:
+    return cfg.first_call_s
 
 
 def run_round_robin(
@@ -297,18 +355,22 @@ def run_round_robin(
     of one iteration are counted in the first (untimed) round, or in an extra untimed call
     when there is no warm-up.
     """
+    def counted_call(cfg: Config) -> None:
+        t0 = time.perf_counter()
+        with flop_counter() as counter:
+            cfg.fn()
+        sync()
+        cfg.first_call_s = time.perf_counter() - t0
+        cfg.flops = counter.get_total_flops()
+
     if warmup == 0:
         for cfg in configs:
-            with flop_counter() as counter:
-                cfg.fn()
-            cfg.flops = counter.get_total_flops()
+            counted_call(cfg)
     for r in range(warmup + steps):
         t_round = time.perf_counter()
         for cfg in configs:
             if cfg.flops is None:
-                with flop_counter() as counter:
-                    cfg.fn()
-                cfg.flops = counter.get_total_flops()
+                counted_call(cfg)
                 continue
             sync()
             t0 = time.perf_counter()
@@ -318,6 +380,8 @@ def run_round_robin(
             if r >= warmup:
                 cfg.times.append(dt)
                 cfg.results.append(out)
+            else:
+                cfg.warmup_times.append(dt)
         tag = "warm-up" if r < warmup else "timed"
         print(f"  round {r + 1}/{warmup + steps} ({tag}) {time.perf_counter() - t_round:.1f}s  "
               f"load {load_average()}", flush=True)
@@ -337,13 +401,13 @@ class RerankPools:
 
     def __init__(
         self, images: int, k: int, text_pool: int, image_size: int, text_len: int,
-        device: torch.device, seed: int,
+        device: torch.device, seed: int, vocab_size: int = VOCAB_SIZE,
     ):
         gen = torch.Generator().manual_seed(seed)
         self.U, self.k = images, k
         self.pairs = images * k
         self.images = random_images(images, image_size, gen).to(device)
-        ids, mask = random_captions(text_pool, text_len, gen)
+        ids, mask = random_captions(text_pool, text_len, gen, vocab_size)
         self.ids, self.mask = ids.to(device), mask.to(device)
         # [U, k] distinct text indices per image.
         topk = torch.stack([torch.randperm(text_pool, generator=gen)[:k] for _ in range(images)])
@@ -358,6 +422,7 @@ def rerank_config(
     precision: str,
     variant: str,
     device: torch.device,
+    ablation: Optional[str] = None,
 ) -> Config:
     U, k = pools.U, pools.k
     flat_topk = pools.topk.reshape(-1)
@@ -409,14 +474,15 @@ def rerank_config(
 
     def call() -> Tensor:
         model.eval()
-        with torch.inference_mode(), autocast_ctx(device, precision):
+        with ablated(model, ablation), torch.inference_mode(), autocast_ctx(device, precision):
             return score()
 
     row = {
         "task": "rerank",
         "impl": impl,
         "precision": precision,
-        "variant": variant,
+        "variant": variant + (f", {ablation}" if ablation else ""),
+        "ablation": ablation,
         "pairs_per_iter": pools.pairs,
     }
     return Config(row, call)
@@ -473,7 +539,8 @@ def profile_train_step(
 
 
 def best(rows: List[Dict[str, Any]], task: str, impl: str) -> Optional[Dict[str, Any]]:
-    cands = [r for r in rows if r["task"] == task and r["impl"] == impl]
+    # Ablated variants of ours are comparisons, not our configuration.
+    cands = [r for r in rows if r["task"] == task and r["impl"] == impl and not r.get("ablation")]
     return max(cands, key=lambda r: r["pairs_per_s"]) if cands else None
 
 
@@ -505,6 +572,14 @@ def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"{'yes' if r['finite'] else 'NO'} | {ratio} |"
         )
     lines.append("")
+    for r in rows:
+        if r.get("ablation") == "compiled":
+            # Dynamo does not compile under the FLOP counter's dispatch mode, so compilation
+            # happens in the first warm-up step that follows it.
+            slowest = max(r["warmup_times_s"] + [r["first_call_s"]])
+            lines.append(f"Compiled blocks ({r['precision']}): slowest warm-up step {slowest:.1f} s "
+                         f"(compilation) against a median step of {r['median_s']:.2f} s.")
+            lines.append("")
     if not any(meta["peak_tflops"].values()):
         lines.append("MFU: no peak known for this device (CPUs are not in the table of "
                      "`torchmm_ext.engine.flops.peak_tflops`); TFLOP/s are absolute.")
@@ -522,7 +597,8 @@ def markdown_report(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             f"(target >= {target:.0f}x: {'met' if ratio >= target else 'NOT met'})"
         )
         for prec in meta["precisions"]:
-            o = [r for r in rows if r["task"] == task and r["impl"] == "ours" and r["precision"] == prec]
+            o = [r for r in rows if r["task"] == task and r["impl"] == "ours" and r["precision"] == prec
+                 and not r.get("ablation")]
             t = [r for r in rows if r["task"] == task and r["impl"] == "theirs" and r["precision"] == prec]
             if o and t:
                 tbest = max(t, key=lambda r: r["pairs_per_s"])
@@ -576,6 +652,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--impls", default="ours,theirs", help="comma list of ours,theirs")
     p.add_argument("--tasks", default="train,rerank", help="comma list of train,rerank")
     p.add_argument("--their-optimizers", default="plain,fused", help="AdamW variants for theirs")
+    p.add_argument(
+        "--ours-ablations", default="",
+        help=f"comma list of ablated variants of ours, timed too: {sorted(OURS_ABLATIONS)}",
+    )
+    p.add_argument("--preset", default="base", choices=["base", "tiny"],
+                   help="size of ours (theirs exists at base size only)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time our training step with compiled blocks (train.compile: true)")
     p.add_argument("--json", default=None, metavar="OUT", help="write raw numbers here")
     p.add_argument(
         "--profile", action="store_true",
@@ -587,6 +671,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.steps = args.steps if args.steps is not None else (20 if gpu else 5)
     args.rerank_steps = args.rerank_steps if args.rerank_steps is not None else (20 if gpu else 5)
     args.batch_size = args.batch_size or (32 if gpu else 4)
+    if args.preset != "base" and "theirs" in args.impls:
+        p.error("TorchMultimodal's ALBEF exists at base size only: use --impls ours with --preset tiny")
     args.image_size = args.image_size or (384 if gpu else 224)
     args.rerank_images = args.rerank_images or (8 if gpu else 2)
     args.rerank_k = args.rerank_k or (32 if gpu else 16)
@@ -594,6 +680,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.impls = [s.strip() for s in args.impls.split(",") if s.strip()]
     args.tasks = [s.strip() for s in args.tasks.split(",") if s.strip()]
     args.their_optimizers = [s.strip() for s in args.their_optimizers.split(",") if s.strip()]
+    args.ours_ablations = [s.strip() for s in args.ours_ablations.split(",") if s.strip()]
+    unknown = sorted(set(args.ours_ablations) - set(OURS_ABLATIONS))
+    if unknown:
+        p.error(f"unknown --ours-ablations {unknown}; choose from {sorted(OURS_ABLATIONS)}")
     if args.queue_size % args.batch_size:
         p.error("ALBEFModelWithSimilarity asserts queue_size % batch_size == 0")
     if args.batch_size < 2:
@@ -619,6 +709,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "preset": args.preset,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
         "text_len": args.text_len,
@@ -652,14 +743,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     for impl in args.impls:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
-        models[impl] = builders[impl](args.image_size, args.queue_size).to(device)
+        kwargs = {"preset": args.preset} if impl == "ours" else {}
+        models[impl] = builders[impl](args.image_size, args.queue_size, **kwargs).to(device)
         meta[f"params_{impl}"] = count_params(models[impl])
         print(f"built {impl}: {meta[f'params_{impl}']} in {time.perf_counter() - t0:.1f}s", flush=True)
 
-    train_inputs = TrainInputs(args.batch_size, args.image_size, args.text_len, device, args.seed + 1)
+    vocab_size = VOCAB_SIZE
+    if "ours" in models:
+        vocab_size = models["ours"].text_encoder.embeddings.word_embeddings.num_embeddings
+    train_inputs = TrainInputs(args.batch_size, args.image_size, args.text_len, device, args.seed + 1,
+                               vocab_size)
     pools = RerankPools(
         args.rerank_images, args.rerank_k, max(64, args.rerank_k * 2), args.image_size,
-        args.text_len, device, args.seed + 2,
+        args.text_len, device, args.seed + 2, vocab_size,
     )
 
     rows: List[Dict[str, Any]] = []
@@ -671,9 +767,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             extra = "  loss=" + ", ".join(f"{k}={v[-1]:.4f}" for k, v in row["losses"].items())
         flops = "" if row["flops_per_iter"] is None else (
             f"  {row['flops_per_iter'] / 1e9:.1f} GFLOP  {row['tflops_per_s']:.3f} TFLOP/s")
+        if row.get("first_call_s") is not None:
+            extra += f"  first call {row['first_call_s']:.1f}s"
         print(f"  {row['task']:6s} {row['impl']:6s} {row['precision']:4s} {row['variant']:15s} "
               f"median {1000 * row['median_s']:8.1f} ms  {row['pairs_per_s']:8.3f} pairs/s{flops}  "
               f"finite={row['finite']}{extra}", flush=True)
+
+    def ablations_of(task: str) -> List[str]:
+        return [a for a in args.ours_ablations if OURS_ABLATIONS[a][0] == task]
 
     sync = make_sync(device)
     if "train" in args.tasks:
@@ -683,6 +784,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 variants = [True] if impl == "ours" else [v == "fused" for v in args.their_optimizers]
                 for fused in variants:
                     configs.append(train_config(impl, models[impl], train_inputs, prec, fused, args, device))
+                if impl == "ours":
+                    for ablation in ablations_of("train"):
+                        if ablation == "momentum-recast" and prec == "fp32":
+                            continue  # no autocast, no cast: the same step as ours
+                        configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
+                                                    device, ablation))
+                    if args.compile:
+                        configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
+                                                    device, compiled=True))
         print(f"training: {len(configs)} configs x ({args.warmup} warm-up + {args.steps} timed) rounds", flush=True)
         run_round_robin(configs, args.warmup, args.steps, sync, lambda c: record(finish_train(c)))
         del configs
@@ -693,9 +803,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         configs = []
         for prec in args.precisions:
             for impl in args.impls:
-                variants = ["shared K/V (image_index)"] if impl == "ours" else ["batched", "per-image loop"]
+                variants = ["shared K/V, packed texts"] if impl == "ours" else ["batched", "per-image loop"]
                 for variant in variants:
                     configs.append(rerank_config(impl, models[impl], pools, prec, variant, device))
+                if impl == "ours":
+                    for ablation in ablations_of("rerank"):
+                        configs.append(rerank_config(impl, models[impl], pools, prec, variants[0], device,
+                                                     ablation))
         print(f"re-rank: {len(configs)} configs x ({args.warmup} warm-up + {args.rerank_steps} timed) rounds", flush=True)
         # An evaluation runs all its re-rank calls inside one autocast context (as
         # torchmm_ext.evaluation does), so bf16 weight casts are made once and reused; give

@@ -26,7 +26,7 @@ from torchmm_ext.engine.distributed import barrier, is_main_process
 from torchmm_ext.engine.metric_logging import get_logger, MetricLogger
 from torchmm_ext.engine.optim import build_cosine_scheduler, build_optimizer
 from torchmm_ext.engine.train_loop import StepFn, StepHook, steps_in_epoch, train_one_epoch
-from torchmm_ext.modules.efficiency import applied_methods
+from torchmm_ext.modules.efficiency import applied_methods, module_path, momentum_twin, resolve_block_groups
 
 logger = get_logger(__name__)
 
@@ -63,6 +63,10 @@ class TrainConfig:
         find_unused_parameters (Optional[bool]): DDP's ``find_unused_parameters`` under
             torchrun (:func:`~torchmm_ext.engine.distributed.wrap_ddp`); None: on when a method
             leaves parameters without gradient on some steps (a DAS search), off otherwise.
+        compile (bool): ``torch.compile`` each transformer block of the model's
+            ``block_groups()`` and of their momentum copies (:func:`compile_blocks`), not the
+            whole step with its Python control flow. Off by default: on a CPU the compile
+            time outweighs the steady-state gain of short jobs (see benchmarks/RESULTS.md).
     """
 
     epochs: int = 5
@@ -83,6 +87,34 @@ class TrainConfig:
     lr_mult: Dict[str, float] = field(default_factory=dict)
     deterministic: bool = False
     find_unused_parameters: Optional[bool] = None
+    compile: bool = False
+
+
+def compile_blocks(model: nn.Module, **compile_kwargs: Any) -> List[str]:
+    """``torch.compile`` every block of ``model.block_groups()`` and of the blocks' momentum
+    (``_m``) copies, in place (``nn.Module.compile``: parameter names, checkpoints and the
+    Python control flow around the blocks are unchanged).
+
+    Args:
+        model (nn.Module): a model with ``block_groups()`` (every ALBEF, ViLT and METER model),
+            or its DDP wrapper.
+        **compile_kwargs: passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
+
+    Returns:
+        List[str]: the block lists compiled, e.g. ``["vision_encoder.blocks",
+        "vision_encoder_m.blocks", ...]``.
+    """
+    model = unwrap_model(model)
+    done = []
+    for blocks in resolve_block_groups(model).values():
+        path = module_path(model, blocks)
+        twin = momentum_twin(model, path) if path else None
+        for group in (blocks, twin):
+            if group is not None:
+                for block in group:
+                    block.compile(**compile_kwargs)
+                done.append(module_path(model, group))
+    return done
 
 
 def fit(
@@ -135,6 +167,8 @@ def fit(
         ConfigError: the model has a method that acts during training (the DAS search) and no
             ``step_hooks`` drive it.
     """
+    if train_cfg.compile:
+        logger.info("torch.compile of the blocks of " + ", ".join(compile_blocks(model)))
     driven = [name for name, m in unwrap_model(model).named_modules() if callable(getattr(m, "make_step_hook", None))]
     if driven and not step_hooks:  # e.g. das.search in a recipe that does not collect the hooks
         raise ConfigError(

@@ -14,7 +14,7 @@ The fusion layers are assembled from the same primitives (``MultiHeadSelfAttenti
 keys/values once and gathers them per pair (``image_index``), which it cannot do.
 """
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -139,6 +139,18 @@ def albef_text_encoder(
     return text_encoder
 
 
+def _image_runs(image_index: Tensor, num_images: int) -> Optional[List[int]]:
+    """The run length of each image if ``image_index`` is ``0..0, 1..1, ..., U-1..U-1`` (every
+    image in one run, in order, runs of any length), else ``None``."""
+    if num_images == 0 or image_index.numel() < num_images:
+        return None
+    runs = torch.bincount(image_index, minlength=num_images)
+    expected = torch.repeat_interleave(torch.arange(num_images, device=image_index.device), runs)
+    if runs.numel() != num_images or not torch.equal(image_index, expected) or bool((runs == 0).any()):
+        return None
+    return runs.tolist()
+
+
 def _runs_per_image(image_index: Tensor, num_images: int) -> Optional[int]:
     """``k`` if ``image_index == arange(num_images).repeat_interleave(k)``, else ``None``."""
     pairs = image_index.numel()
@@ -147,6 +159,51 @@ def _runs_per_image(image_index: Tensor, num_images: int) -> Optional[int]:
     k = pairs // num_images
     expected = torch.arange(num_images, device=image_index.device).repeat_interleave(k)
     return k if torch.equal(image_index, expected) else None
+
+
+class TextPacking(NamedTuple):
+    """Where the real (non-padding) tokens of ``P`` padded texts ``[P, L]`` sit once packed
+    into one ``[T, D]`` sequence, pair after pair (see :meth:`ALBEFFusionEncoder.forward`).
+
+    Attributes:
+        index (Tensor): ``[T]`` flat padded position ``p * L + t`` of each packed token.
+        first (Tensor): ``[P]`` packed row of each pair's first (CLS) token.
+        image_pairs (List[int]): pairs of each image (its run of pairs; ``U`` ints).
+        image_rows (List[int]): packed tokens of each image's run of pairs (``U`` ints).
+        pairs (int): ``P``.
+        length (int): ``L``.
+    """
+
+    index: Tensor
+    first: Tensor
+    image_pairs: List[int]
+    image_rows: List[int]
+    pairs: int
+    length: int
+
+
+def pack_text(attention_mask: Tensor, image_pairs: Sequence[int]) -> TextPacking:
+    """The :class:`TextPacking` of a ``[P, L]`` 1/0 padding mask whose pairs come in runs per
+    image, ``image_pairs[u]`` pairs for image ``u``. Every text must keep its first token."""
+    mask = attention_mask.bool()
+    pairs, length = mask.shape
+    counts = mask.sum(dim=1)
+    first = torch.cumsum(counts, 0) - counts
+    per_image = [int(c.sum()) for c in counts.split(list(image_pairs))]
+    return TextPacking(mask.reshape(-1).nonzero().squeeze(1), first, list(image_pairs), per_image,
+                       pairs, length)
+
+
+def _unpack(packed: Tensor, packing: TextPacking) -> Tensor:
+    """``[T, C]`` packed rows -> ``[P, L, C]`` padded (zeros at padding positions)."""
+    padded = packed.new_zeros(packing.pairs * packing.length, packed.size(-1))
+    padded[packing.index] = packed
+    return padded.view(packing.pairs, packing.length, -1)
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """``[B, L, D]`` -> ``[B, H, L, D/H]``."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
 
 
 class FusionOutput(NamedTuple):
@@ -249,6 +306,67 @@ class FusionLayer(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, text_mask, attn.dropout if self.training else 0.0)
         return attn.output_proj(out.transpose(1, 2).reshape(b, 1, d))
 
+    def forward_packed(
+        self,
+        x: Tensor,
+        packing: TextPacking,
+        text_mask: Tensor,
+        image_embeddings: Tensor,
+        first_token_only: bool = False,
+    ) -> Tensor:
+        """Inference forward on packed text tokens (no padding rows), for ITM scoring.
+
+        Token-wise work (projections, feed-forward, LayerNorms) runs on the real tokens only;
+        the self-attention scatters its keys/values back to the padded layout for one SDPA
+        call; the cross-attention runs one SDPA call per image over the queries of its pairs.
+        Same result as :meth:`forward` (with ``image_index`` giving those runs) on the real tokens.
+
+        Inputs:
+            x (Tensor): packed text states ``[T, D]`` (:class:`TextPacking` order).
+            packing (TextPacking): where the rows sit; pairs in one run per image.
+            text_mask (Tensor): boolean SDPA padding mask ``[P, 1, 1, L]``.
+            image_embeddings (Tensor): ``[U, N, Dv]``, image ``u`` for the ``u``-th run of pairs.
+            first_token_only (bool): compute the first (CLS) token of each pair only.
+
+        Returns:
+            Tensor: new packed states ``[T, D]``, or ``[P, D]`` with ``first_token_only``.
+        """
+        attn = self.attention
+        d, h = x.size(-1), attn.num_heads
+        if first_token_only:
+            if isinstance(attn.input_proj, nn.Linear):
+                w, bias = attn.input_proj.weight, attn.input_proj.bias
+                q = F.linear(x[packing.first], w[:d], bias[:d])
+                kv = F.linear(x, w[d:], bias[d:])
+            else:  # a factorised projection (PELA's LowRankLinear): project every token
+                q, k_, v_ = attn.input_proj(x).chunk(3, dim=-1)
+                q, kv = q[packing.first], torch.cat([k_, v_], dim=-1)
+            k, v = (_heads(t, h) for t in _unpack(kv, packing).chunk(2, dim=-1))
+            q = _heads(q.unsqueeze(1), h)
+            out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, 1, d/H]
+            attended = attn.output_proj(out.transpose(1, 2).reshape(packing.pairs, d))
+            x = x[packing.first]
+            rows = packing.image_pairs
+        else:
+            q, k, v = (_heads(t, h) for t in _unpack(attn.input_proj(x), packing).chunk(3, dim=-1))
+            out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, L, d/H]
+            out = out.transpose(1, 2).reshape(packing.pairs * packing.length, d)[packing.index]
+            attended = attn.output_proj(out)
+            rows = packing.image_rows
+        x = self.attention_layernorm(x + attended)
+
+        cross = self.cross_attention
+        q = cross.q_proj(x)
+        k = _heads(cross.k_proj(image_embeddings), h)  # [U, H, N, d/H]
+        v = _heads(cross.v_proj(image_embeddings), h)
+        outs = []
+        for u, q_u in enumerate(q.split(rows)):
+            q_u = q_u.view(1, -1, h, d // h).transpose(1, 2)  # [1, H, T_u, d/H]
+            out = F.scaled_dot_product_attention(q_u, k[u : u + 1], v[u : u + 1])
+            outs.append(out.transpose(1, 2).reshape(-1, d))
+        x = self.cross_attention_layernorm(x + cross.output_proj(torch.cat(outs)))
+        return self.feedforward_layernorm(x + self.feedforward(x))
+
     def forward(
         self,
         x: Tensor,
@@ -347,7 +465,10 @@ class ALBEFFusionEncoder(nn.Module):
             encoder) whose cross-attention probabilities to return.
         return_hidden_states (bool): also return each layer's output.
         cls_only (bool): the last layer computes only the CLS state (``last_hidden_state``
-            is then ``[P, 1, D]``); what ITM scoring needs, at a fraction of the cost.
+            is then ``[P, 1, D]``); what ITM scoring needs, at a fraction of the cost. In eval
+            mode with the pairs of each image in one run (``image_index`` non-decreasing, every
+            image used, e.g. ``arange(U).repeat_interleave(k)``), padded texts are then packed
+            (:meth:`FusionLayer.forward_packed`): no work on padding tokens.
 
     Returns:
         FusionOutput
@@ -366,6 +487,11 @@ class ALBEFFusionEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.causal = causal
+        #: ITM scoring (``cls_only`` with pairs in runs per image, eval mode) packs the text
+        #: tokens when at most this share of them is real (padding >= 10%). A set value, not a
+        #: tuned one: with little padding there is little to save, and packing adds a scatter
+        #: and a gather around each self-attention. 0 turns packing off.
+        self.pack_below = 0.9
         self.layer = nn.ModuleList(
             FusionLayer(width, image_width, num_heads, ffn_dim, dropout, layer_norm_eps)
             for _ in range(num_layers)
@@ -396,7 +522,23 @@ class ALBEFFusionEncoder(nn.Module):
         x = text_embeddings
         cross_attention = None
         hidden_states: List[Tensor] = []
-        pairs_per_image = None
+        pairs_per_image = image_runs = None
+        if (
+            image_index is not None and image_mask is None and cls_only and not self.training
+            and not self.causal and return_cross_attention_layer is None and not return_hidden_states
+            and all(type(layer) is FusionLayer for layer in self.layer)  # no adapters, skips
+            and text_attention_mask.sum() <= self.pack_below * text_attention_mask.numel()
+        ):
+            image_runs = _image_runs(image_index, image_embeddings.size(0))
+        if image_runs is not None:
+            # ITM scoring of padded texts, pairs in runs per image: the token-wise work on the
+            # real tokens only.
+            packing = pack_text(text_attention_mask, image_runs)
+            x = text_embeddings.reshape(-1, text_embeddings.size(-1))[packing.index]
+            for i, layer in enumerate(self.layer):
+                x = layer.forward_packed(x, packing, text_mask, image_embeddings,
+                                         first_token_only=i == len(self.layer) - 1)
+            return FusionOutput(x.unsqueeze(1))
         if image_index is not None and image_mask is None:
             pairs_per_image = _runs_per_image(image_index, image_embeddings.size(0))
         for i, layer in enumerate(self.layer):

@@ -121,23 +121,26 @@ class ALBEFForPretraining(ALBEFForRetrieval):
         alpha: float = 0.0,
         idx: Optional[Tensor] = None,
     ) -> ALBEFPretrainingOutput:
-        itc_itm = self.itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
+        # One EMA step (itc_itm_losses' own is nested in it) for both momentum forward passes:
+        # under autocast the momentum text encoder then runs twice on one set of bf16 shadows.
+        with self.momentum_step(forward=self._needs_momentum_features(alpha)):
+            itc_itm = self.itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
 
-        masked = mask_tokens(input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id,
-                             self.cls_token_id, self.mlm_probability)
-        predicted = masked.labels != IGNORE_INDEX  # [B, L]
-        hidden = self._mlm_hidden(self.text_encoder, self.fusion_encoder, masked.input_ids,
-                                  attention_mask, itc_itm.image_embeddings)
-        # The head (a [D, V] matmul) runs on the ~15% predicted positions only; ALBEF runs it on
-        # every token and ignores the rest in the loss: same loss, a fraction of the cost.
-        logits = self.mlm_head(hidden[predicted])  # [M, V]
-        logits_m = None
-        if alpha > 0:  # the soft targets count only then
-            with torch.no_grad():
-                hidden_m = self._mlm_hidden(self.text_encoder_m, self.fusion_encoder_m, masked.input_ids,
-                                            attention_mask, itc_itm.image_embeddings_m)
-                logits_m = self.mlm_head_m(hidden_m[predicted])
-        loss_mlm = masked_lm_loss(logits, masked.labels[predicted], logits_m, alpha)
+            masked = mask_tokens(input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id,
+                                 self.cls_token_id, self.mlm_probability)
+            predicted = masked.labels != IGNORE_INDEX  # [B, L]
+            hidden = self._mlm_hidden(self.text_encoder, self.fusion_encoder, masked.input_ids,
+                                      attention_mask, itc_itm.image_embeddings)
+            # The head (a [D, V] matmul) runs on the ~15% predicted positions only; ALBEF runs it on
+            # every token and ignores the rest in the loss: same loss, a fraction of the cost.
+            logits = self.mlm_head(hidden[predicted])  # [M, V]
+            logits_m = None
+            if alpha > 0:  # the soft targets count only then
+                with torch.no_grad():
+                    hidden_m = self._mlm_hidden(self.text_encoder_m, self.fusion_encoder_m, masked.input_ids,
+                                                attention_mask, itc_itm.image_embeddings_m)
+                    logits_m = self.mlm_head_m(hidden_m[predicted])
+            loss_mlm = masked_lm_loss(logits, masked.labels[predicted], logits_m, alpha)
         loss = itc_itm.loss_itc + loss_mlm + itc_itm.loss_itm
         return ALBEFPretrainingOutput(loss, itc_itm.loss_itc, loss_mlm, itc_itm.loss_itm)
 

@@ -18,7 +18,7 @@ from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, ImageEncoding, preset_sizes, TextEncoding
 from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
-from torchmm_ext.modules.momentum import FeatureQueue, momentum_update, MomentumCopiesMixin
+from torchmm_ext.modules.momentum import FeatureQueue, MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -142,6 +142,12 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         return online, copies
 
 
+    def _needs_momentum_features(self, alpha: float) -> bool:
+        """Whether ITC reads momentum features. Without a queue, distillation or momentum batch
+        columns (training from scratch) it does not, and their forward passes are skipped (the
+        EMA step still runs)."""
+        return self.queue.size > 0 or alpha > 0 or not self.itc_online_batch
+
     def encode_image(self, image: Tensor, guidance: Optional[Tensor] = None) -> ImageEncoding:
         """Image tokens ``[B, N, Dv]`` and normalised ITC features ``[B, E]``.
 
@@ -237,26 +243,25 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         # them out: harmless from a pre-trained start, and from scratch those random negatives
         # reward collapsing every feature onto one direction.
         empty = (idx_all == self.queue.empty_idx).view(1, -1)
-        with torch.no_grad():
-            momentum_update(*self._momentum_pairs(), self.momentum)
         image_m = sim_i2t_m = sim_t2i_m = None
-        # Without a queue, distillation or momentum batch columns (training from scratch) no
-        # momentum feature is read: their forward passes are skipped (the EMA above still runs).
-        if self.queue.size > 0 or alpha > 0 or not self.itc_online_batch:
-            with torch.no_grad():
-                text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
-                text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
-                # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every
-                # token unless token pruning was applied with prune_momentum=True.
-                image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
-                image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
-                # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
-                image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
-                text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
-                sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
-                sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
-        else:
-            image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
+        # The EMA step; the momentum forward passes run inside it (on low-precision shadows
+        # of the momentum weights under autocast).
+        with self.momentum_step(forward=self._needs_momentum_features(alpha)):
+            if self._needs_momentum_features(alpha):
+                with torch.no_grad():
+                    text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
+                    text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
+                    # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every
+                    # token unless token pruning was applied with prune_momentum=True.
+                    image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
+                    image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
+                    # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
+                    image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
+                    text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
+                    sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+                    sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+            else:
+                image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
         # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.
         image_feat, text_feat = image_enc.features.float(), text_enc.features.float()
         if self.itc_online_batch:  # the batch's columns carry gradient (CLIP-style)

@@ -10,7 +10,7 @@ from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, preset_sizes
-from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
+from torchmm_ext.modules.momentum import MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -123,8 +123,7 @@ class ALBEFForVE(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         log_probs = F.log_softmax(logits.float(), dim=-1)
         loss = F.nll_loss(log_probs, labels.view(-1))
         if self.distill and self.training:
-            with torch.no_grad():
-                momentum_update(*self._momentum_pairs(), self.momentum)
+            with torch.no_grad(), self.momentum_step():
                 logits_m = self._logits(self.vision_encoder_m, self.text_encoder_m, self.fusion_encoder_m,
                                         self.cls_head_m, image, input_ids, attention_mask)
             soft = -(F.softmax(logits_m.float(), dim=-1) * log_probs).sum(dim=-1).mean()

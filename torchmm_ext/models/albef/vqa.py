@@ -23,7 +23,7 @@ from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 from torchmultimodal.utils.common import remove_grad
 
 from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, preset_sizes
-from torchmm_ext.modules.momentum import momentum_update, MomentumCopiesMixin
+from torchmm_ext.modules.momentum import MomentumCopiesMixin
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder, init_bert_weights
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -311,8 +311,7 @@ class ALBEFForVQA(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         nll = answer_sequence_nll(logits, answer_ids, answer_mask)  # [K]
         loss_per_answer = nll
         if self.distill and self.training:
-            with torch.no_grad():
-                momentum_update(*self._momentum_pairs(), self.momentum)
+            with torch.no_grad(), self.momentum_step():
                 states_m = self._question_states(self.vision_encoder_m, self.text_encoder_m,
                                                  self.fusion_encoder_m, image, question_ids, question_mask)
                 logits_m = self.answer_decoder_m(answer_ids, answer_mask, states_m, question_mask, question_index)

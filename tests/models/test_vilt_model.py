@@ -39,7 +39,7 @@ def test_every_task_model_runs_forward_and_backward_at_tiny_size():
     assert assert_trains(vqa, out.loss) == []
     nlvr = vilt_model_for_nlvr("tiny", vocab_size=VOCAB)
     out = nlvr(torch.stack([images, images.flip(0)], 1), ids, mask, labels=torch.tensor([1, 0]))
-    assert out.logits.shape == (2, 2) and out.pooled_output.shape == (2, 2 * 128)
+    assert out.logits.shape == (2, 2) and out.pooled_output.shape == (2, 2 * 192)
     assert assert_trains(nlvr, out.loss) == []
     retrieval = vilt_model_for_retrieval("tiny", vocab_size=VOCAB)
     out = retrieval(images, ids[:, None].repeat(1, 4, 1), mask[:, None].repeat(1, 4, 1))

@@ -147,3 +147,25 @@ def test_init_config_vision_and_text_take_the_encoders_of_a_whole_checkpoint(tmp
                        state["vision_encoder.blocks.2.attention.output_proj.weight"])
     assert torch.equal(vilt.vilt.text_embeddings.word_embeddings.weight,
                        state["text_encoder.embeddings.word_embeddings.weight"])
+
+
+def test_vilt_from_a_timm_vit_as_the_paper_starts_reproduces_its_features(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=64, patch_size=16, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0, num_classes=0).eval()
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    vilt = vilt_model("tiny", vocab_size=VOCAB, width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=16,
+                      dropout=0.0).eval()
+    report = load_pretrained(vilt, tmp_path / "vit.pth", part="vision")
+    assert report.layout == "timm_vit" and not report.missing and not report.unexpected
+    images = _images()
+    with torch.no_grad():
+        x = vilt.image_embeddings(images).embeddings
+        for block in vilt.blocks:
+            x = block(x)
+        torch.testing.assert_close(vilt.norm(x), vit.forward_features(images), rtol=0, atol=1e-5)

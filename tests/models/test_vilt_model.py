@@ -50,7 +50,7 @@ def test_every_task_model_runs_forward_and_backward_at_tiny_size():
     labels[:, 2] = ids[:, 2]
     out = pre(images, ids, mask, ids.masked_fill(labels != -100, 3), labels, images.flip(0), torch.tensor([0, 0]))
     assert out.mlm_logits.shape == (2, 7, VOCAB) and out.itm_logits.shape == (2, 2)
-    torch.testing.assert_close(out.loss, out.itm_loss + out.mlm_loss)
+    torch.testing.assert_close(out.loss, out.itm_loss + out.mlm_loss + out.wpa_loss)  # ViLT's word-patch alignment
     assert assert_trains(pre, out.loss) == []
 
 

@@ -61,9 +61,13 @@ def test_pretrain_then_finetune_every_task(shapes_cache: Path, tmp_path: Path, c
     # the default config starts both encoders from an ALBEF checkpoint (init.vision / init.text):
     # one of the small model's sizes stands in for the shapes pre-training
     albef = tmp_path / "albef.pth"
+    from torchmm_ext.data.shapes_world import cached_shapes_world
+    from torchmm_ext.data.tokenizer import build_tokenizer
+
+    corpus = cached_shapes_world(shapes_cache, num_train=24, num_val=6, num_test=6).vocab_corpus
     albef_state = albef_model_for_pretraining(
         "tiny", vision_width=64, vision_heads=2, vision_mlp_dim=128, text_width=64, text_heads=2, text_ffn_dim=128,
-        patch_size=16, queue_size=8).state_dict()
+        patch_size=16, queue_size=8, vocab_size=len(build_tokenizer("shapes", corpus_file=corpus))).state_dict()
     torch.save({"model": albef_state}, albef)
     results = _recipe("pretrain").main(["--output-dir", str(pre), "--opts", *world, *SMALL, *steps,
                                         f"init.vision={albef}", f"init.text={albef}"])

@@ -39,7 +39,7 @@ def test_every_task_model_runs_forward_and_backward_at_tiny_size():
     assert assert_trains(vqa, out.loss) == []
     nlvr = vilt_model_for_nlvr("tiny", vocab_size=VOCAB)
     out = nlvr(torch.stack([images, images.flip(0)], 1), ids, mask, labels=torch.tensor([1, 0]))
-    assert out.logits.shape == (2, 2) and out.pooled_output.shape == (2, 2 * 128)
+    assert out.logits.shape == (2, 2) and out.pooled_output.shape == (2, 2 * 192)
     assert assert_trains(nlvr, out.loss) == []
     retrieval = vilt_model_for_retrieval("tiny", vocab_size=VOCAB)
     out = retrieval(images, ids[:, None].repeat(1, 4, 1), mask[:, None].repeat(1, 4, 1))
@@ -50,7 +50,7 @@ def test_every_task_model_runs_forward_and_backward_at_tiny_size():
     labels[:, 2] = ids[:, 2]
     out = pre(images, ids, mask, ids.masked_fill(labels != -100, 3), labels, images.flip(0), torch.tensor([0, 0]))
     assert out.mlm_logits.shape == (2, 7, VOCAB) and out.itm_logits.shape == (2, 2)
-    torch.testing.assert_close(out.loss, out.itm_loss + out.mlm_loss)
+    torch.testing.assert_close(out.loss, out.itm_loss + out.mlm_loss + out.wpa_loss)  # ViLT's word-patch alignment
     assert assert_trains(pre, out.loss) == []
 
 

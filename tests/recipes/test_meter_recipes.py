@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from torchmm_ext.engine import check_kwargs, load_config
+from torchmm_ext.models.albef import albef_model_for_pretraining
 from torchmm_ext.models.meter import (
     meter_model_for_nlvr,
     meter_model_for_pretraining,
@@ -57,7 +58,23 @@ def test_pretrain_then_finetune_every_task(shapes_cache: Path, tmp_path: Path, c
     world = shapes_world_opts(shapes_cache, num_train=24, num_eval=6)
     steps = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=4", "eval.batch_size=8"]
     pre = tmp_path / "pretrain"
-    results = _recipe("pretrain").main(["--output-dir", str(pre), "--opts", *world, *SMALL, *steps])
+    # the default config starts both encoders from an ALBEF checkpoint (init.vision / init.text):
+    # one of the small model's sizes stands in for the shapes pre-training
+    albef = tmp_path / "albef.pth"
+    from torchmm_ext.data.shapes_world import cached_shapes_world
+    from torchmm_ext.data.tokenizer import build_tokenizer
+
+    corpus = cached_shapes_world(shapes_cache, num_train=24, num_val=6, num_test=6).vocab_corpus
+    albef_state = albef_model_for_pretraining(
+        "tiny", vision_width=64, vision_heads=2, vision_mlp_dim=128, text_width=64, text_heads=2, text_ffn_dim=128,
+        patch_size=16, queue_size=8, vocab_size=len(build_tokenizer("shapes", corpus_file=corpus))).state_dict()
+    torch.save({"model": albef_state}, albef)
+    results = _recipe("pretrain").main(["--output-dir", str(pre), "--opts", *world, *SMALL, *steps,
+                                        f"init.vision={albef}", f"init.text={albef}"])
+    trained = torch.load(pre / "pretrained.pth", map_location="cpu", weights_only=True)["model"]
+    for key in ("vision_encoder.blocks.0.attention.input_proj.weight", "text_encoder.encoder.layer.1.feedforward.model.0.weight"):
+        # two small steps away from ALBEF's weights (a fresh initialisation is ~0.03 away per entry)
+        torch.testing.assert_close(trained[key], albef_state[key], rtol=0, atol=5e-3)
     assert 0.0 <= results["val"]["itm_acc"] <= 100.0 and 0.0 <= results["val"]["mlm_acc"] <= 100.0
     weights = pre / "pretrained.pth"
     assert weights.exists()

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from torchmm_ext.engine import check_kwargs, load_config
+from torchmm_ext.models.albef import albef_model_for_pretraining
 from torchmm_ext.models.vilt import (
     vilt_model_for_nlvr,
     vilt_model_for_pretraining,
@@ -39,12 +40,27 @@ def recipe(name: str):
 
 @pytest.fixture(scope="module")
 def pretrained(shapes_cache, tmp_path_factory):
+    # the default config starts the transformer from an ALBEF checkpoint's ViT (init.vision):
+    # one of the small model's size stands in for the shapes pre-training
     out = tmp_path_factory.mktemp("vilt_pretrain")
+    albef = albef_model_for_pretraining("tiny", vision_width=32, vision_depth=1, vision_heads=2, vision_mlp_dim=64,
+                                        patch_size=16, queue_size=8)
+    torch.save({"model": albef.state_dict()}, out / "albef.pth")
     results = recipe("pretrain").main(["--output-dir", str(out), "--opts", *shapes_world_opts(shapes_cache),
-                                       *SMALL_MODEL, *SHORT])
+                                       *SMALL_MODEL, *SHORT, f"init.vision={out / 'albef.pth'}"])
     assert set(results["val"]) == {"itm_acc", "mlm_acc", "num_samples"} and results["val"]["num_samples"] == 10
     assert (out / "pretrained.pth").is_file()
+    weights = torch.load(out / "pretrained.pth", map_location="cpu", weights_only=True)["model"]
+    # two small steps away from ALBEF's ViT (a fresh initialisation is ~0.03 away per entry)
+    torch.testing.assert_close(weights["vilt.blocks.0.attention.input_proj.weight"],
+                               albef.state_dict()["vision_encoder.blocks.0.attention.input_proj.weight"], rtol=0, atol=5e-3)
     return out / "pretrained.pth"
+
+
+def test_pretraining_without_its_albef_vit_says_how_to_start_from_scratch(shapes_cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"init.vision .*missing.pth does not exist .* --opts init.vision=''"):
+        recipe("pretrain").main(["--output-dir", str(tmp_path), "--opts", *shapes_world_opts(shapes_cache),
+                                 *SMALL_MODEL, *SHORT, f"init.vision={tmp_path / 'missing.pth'}"])
 
 
 def test_vqa_from_the_pretrained_weights_writes_scored_results(shapes_cache, pretrained, tmp_path):

@@ -1,7 +1,7 @@
 """``load_pretrained``: any supported checkpoint into one of our models, with a report."""
 
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Optional, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from torch import nn, Tensor
 
@@ -16,7 +16,7 @@ from torchmm_ext.checkpoints.convert import (
 )
 from torchmm_ext.checkpoints.layouts import detect_layout
 from torchmm_ext.checkpoints.meter import clip_vision_conversion, meter_conversion, roberta_conversion
-from torchmm_ext.checkpoints.vilt import VILT_LAYOUTS, vilt_conversion
+from torchmm_ext.checkpoints.vilt import encoders_to_vilt, VILT_LAYOUTS, vilt_conversion
 from torchmm_ext.checkpoints.primitives import (
     group_keys,
     interpolate_pos_embed,
@@ -166,6 +166,61 @@ def _dropped_momentum_notes(unexpected: List[str], expected: Mapping[str, Tensor
     return notes
 
 
+#: ``part`` of :func:`load_pretrained`: the encoder it takes from a whole-model checkpoint.
+PARTS = {"vision": "vision_encoder.", "text": "text_encoder."}
+#: Layouts of whole vision-language models (a ``part`` load keeps one encoder of them).
+_WHOLE_MODEL_LAYOUTS = ("torchmm_ext", "albef", "pela", "torchmultimodal", "meter")
+
+
+def _vilt_prefix(expected: Mapping[str, Tensor]) -> Optional[str]:
+    """``"vilt."`` (task models) or ``""`` (a bare ``ViltModel``) when the model is ViLT."""
+    if any(k.startswith("vilt.blocks.") for k in expected):
+        return "vilt."
+    if any(k.startswith("image_embeddings.patch_embeddings.") for k in expected):
+        return ""
+    return None
+
+
+def _take_part(state: Dict[str, Tensor], ignored: List[str], notes: List[str], part: str,
+               expected: Mapping[str, Tensor], layout: str, origin: object
+               ) -> Tuple[Dict[str, Tensor], Optional[Tuple[str, ...]]]:
+    """One encoder of a converted checkpoint, in the target model's keys.
+
+    Returns the state to load and the model-key prefixes the part fills (``None``: the whole
+    model, for an encoder-only file into a model named like ours, e.g. BERT into ALBEF's text
+    and fusion layers)."""
+    if part not in PARTS:
+        raise ValueError(f"part={part!r}: choose one of {sorted(PARTS)} (or None for the whole model)")
+    source = PARTS[part]
+    if layout in VILT_LAYOUTS:
+        raise CheckpointArchitectureError(
+            f"{origin} ({layout} layout) is a ViLT checkpoint: it has no separate {part} encoder to take "
+            f"(load it whole, as --checkpoint / init.checkpoint)")
+    targets: Optional[Tuple[str, ...]] = None
+    if layout in _WHOLE_MODEL_LAYOUTS:
+        dropped = [k for k in state if not k.startswith(source)]
+        if dropped:
+            notes.append(f"{part} encoder taken ({source}*); {len(dropped)} other tensors of the checkpoint not used")
+            ignored.extend(dropped)
+        state = {k: v for k, v in state.items() if k.startswith(source)}
+        targets = (source,)
+    prefix = _vilt_prefix(expected)
+    if prefix is not None:
+        conversion = encoders_to_vilt(state, prefix)
+        state = dict(conversion.state_dict)
+        ignored.extend(conversion.ignored)
+        notes.extend(conversion.notes)
+        targets = tuple(prefix + t for t in (("image_embeddings.", "blocks.", "norm.") if part == "vision"
+                                             else ("text_embeddings.",)))
+    for key, value in list(state.items()):
+        # a BERT position table (512) into a shorter one (ViLT: 40): its first rows
+        if key.endswith("embeddings.position_embeddings.weight") and key in expected and value.dim() == 2 \
+                and value.shape[0] > expected[key].shape[0] and value.shape[1] == expected[key].shape[1]:
+            state[key] = value[: expected[key].shape[0]]
+            notes.append(f"{key}: first {expected[key].shape[0]} of its {value.shape[0]} positions kept")
+    return state, targets
+
+
 def load_pretrained(
     model: nn.Module,
     path_or_state_dict: Union[PathLike, Mapping[str, Tensor]],
@@ -174,6 +229,7 @@ def load_pretrained(
     layout: Optional[str] = None,
     fusion_layer: int = 6,
     weights_only: bool = True,
+    part: Optional[str] = None,
 ) -> LoadReport:
     """Loads a checkpoint in any known layout (:data:`KNOWN_LAYOUTS`) into ``model``.
 
@@ -192,12 +248,19 @@ def load_pretrained(
         layout (Optional[str]): force a layout instead of detecting it.
         fusion_layer (int): for ``hf_bert`` checkpoints: first BERT layer of the fusion encoder.
         weights_only (bool): ``torch.load`` safe mode.
+        part (Optional[str]): ``"vision"`` or ``"text"``: load one encoder (``init.vision`` /
+            ``init.text``). Of a whole-model checkpoint (ALBEF, METER) only that encoder is
+            taken; an encoder-only file (timm ViT, CLIP, BERT, RoBERTa) loads as it converts.
+            Into ViLT the encoders are mapped by
+            :func:`~torchmm_ext.checkpoints.vilt.encoders_to_vilt` (a ViT's embeddings, blocks
+            and norm; a BERT's embeddings), and a longer text position table keeps its first
+            rows. The report's missing keys are those of the part.
 
     Returns:
         LoadReport
 
     Raises:
-        ValueError: unknown layout (the message lists the known ones).
+        ValueError: unknown layout (the message lists the known ones) or ``part``.
         CheckpointShapeError: lists every ``key: checkpoint (a, b) vs model (c, d)``.
     """
     model = getattr(model, "module", model)
@@ -211,8 +274,13 @@ def load_pretrained(
     conversion = convert_to_torchmm_ext(source, layout=layout, image_size=image_size,
                                         fusion_layer=fusion_layer)
     state, notes = dict(conversion.state_dict), list(conversion.notes)
+    ignored = list(conversion.ignored)
     expected = model.state_dict()
-    _check_family(state, expected, layout, path_or_state_dict, model)
+    targets: Optional[Tuple[str, ...]] = None
+    if part is not None:
+        state, targets = _take_part(state, ignored, notes, part, expected, layout, path_or_state_dict)
+    else:
+        _check_family(state, expected, layout, path_or_state_dict, model)
     fill_momentum(state, notes, wanted=set(expected))
 
     # Position embeddings follow the model's patch grid, as ALBEF's loading does.
@@ -242,15 +310,15 @@ def load_pretrained(
             f"{len(mismatches)} tensor(s) of the {layout} checkpoint do not fit "
             f"{type(model).__name__}:\n  " + "\n  ".join(mismatches)
         )
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and (targets is None or k.startswith(targets))]
     unexpected = [k for k in state if k not in expected]
     notes.extend(_dropped_momentum_notes(unexpected, expected, layout, type(model).__name__))
-    loaded = len(expected) - len(missing)
     # A whole-model layout that fills under half of the model is another architecture (or
     # preset); loading it silently would train from scratch. Encoder-only layouts (hf_bert,
     # timm_vit) fill one part by design, but must fill something.
     whole_model = layout in ("torchmm_ext", "albef", "pela", "torchmultimodal", "meter", *VILT_LAYOUTS)
-    if loaded == 0 or (whole_model and loaded < 0.5 * len(expected)):
+    loaded = len([k for k in state if k in expected])
+    if loaded == 0 or (whole_model and part is None and loaded < 0.5 * len(expected)):
         origin = path_or_state_dict if isinstance(path_or_state_dict, (str, Path)) else "the given state dict"
         raise CheckpointArchitectureError(
             f"{origin} ({layout} layout) fills only {loaded} of the {len(expected)} tensors of "
@@ -262,7 +330,7 @@ def load_pretrained(
         layout=layout,
         missing=group_keys(missing),
         unexpected=group_keys(unexpected),
-        ignored=conversion.ignored,
+        ignored=ignored,
         notes=notes,
         loaded=loaded,
     )

@@ -17,6 +17,10 @@ Our keys (task models; a bare ``ViltModel`` has them without ``vilt.``)::
 Task starting points as ViLT builds them: :func:`vilt_nlvr_checkpoint` (a third modality row
 copied from the image row) and :func:`vilt_retrieval_checkpoint` (``rank_output`` from the ITM
 "match" row); both also read a Hugging Face model directory.
+
+:func:`encoders_to_vilt` maps unimodal encoders in our layout (a ViT's ``vision_encoder.*``, a
+BERT's ``text_encoder.embeddings.*``) onto ViLT, the way ViLT starts from an ImageNet ViT;
+``load_pretrained(..., part="vision" | "text")`` uses it.
 """
 
 import re
@@ -31,6 +35,7 @@ from torchmm_ext.checkpoints.primitives import load_state_dict_file, merge_qkv, 
 
 __all__ = [
     "VILT_LAYOUTS",
+    "encoders_to_vilt",
     "hf_vilt_to_torchmm_ext",
     "load_vilt_state_dict",
     "torchmm_ext_to_hf_vilt",
@@ -266,6 +271,61 @@ def torchmm_ext_to_hf_vilt(state_dict: Mapping[str, Tensor]) -> StateDict:
     if left:
         raise ValueError(f"{len(left)} keys have no place in the Hugging Face ViLT layout: {', '.join(left[:5])}")
     return out
+
+
+# ---- ViLT from unimodal encoders ------------------------------------------------------------
+
+_VISION_TO_VILT = {
+    "vision_encoder.embeddings.cls_token": "image_embeddings.patch_embeddings.cls_token",
+    "vision_encoder.embeddings.position_embeddings": "image_embeddings.patch_embeddings.position_embeddings",
+    **_wb({"vision_encoder.embeddings.conv_projection": "image_embeddings.patch_embeddings.conv_projection",
+           "vision_encoder.norm": "norm"}),
+}
+_TEXT_TO_VILT = {
+    **{f"text_encoder.embeddings.{n}.weight": f"text_embeddings.{n}.weight"
+       for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")},
+    **_wb({"text_encoder.embeddings.layer_norm": "text_embeddings.layer_norm"}),
+}
+
+
+def encoders_to_vilt(state_dict: Mapping[str, Tensor], prefix: str = "vilt.") -> Conversion:
+    """Unimodal encoders in our layout -> ViLT's keys, as ViLT initialises its transformer from a
+    ViT (ImageNet ViT-B/32 in the paper; e.g. the ViT of an ALBEF checkpoint on the shapes world).
+
+    * ``vision_encoder.embeddings.{cls_token, position_embeddings, conv_projection}`` ->
+      ``image_embeddings.patch_embeddings.*``; ``vision_encoder.blocks.N.*`` -> ``blocks.N.*``
+      (the MLP's second Linear, ``feedforward.model.2`` in a dropout-free ViT, is ViLT's
+      ``feedforward.model.3``); ``vision_encoder.norm`` -> ``norm`` (timm's final norm, which
+      ViLT keeps);
+    * ``text_encoder.embeddings.*`` (BERT's word, position, token-type embeddings and LayerNorm)
+      -> ``text_embeddings.*``; ViLT has no text layers, so ``text_encoder.encoder.*`` is
+      ignored, as is everything else (momentum copies, fusion layers, heads, a CLIP ``pre_norm``).
+
+    Args:
+        state_dict (Mapping[str, Tensor]): our keys (e.g. a ``timm_vit`` / ``hf_bert`` conversion,
+            or a whole ALBEF checkpoint).
+        prefix (str): prefix of ViLT's keys (``"vilt."`` in task models, ``""`` for ``ViltModel``).
+
+    Returns:
+        Conversion: ViLT keys, the ignored source keys, notes.
+    """
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        if key in _VISION_TO_VILT:
+            out[prefix + _VISION_TO_VILT[key]] = value
+        elif key in _TEXT_TO_VILT:
+            out[prefix + _TEXT_TO_VILT[key]] = value
+        else:
+            block = re.match(r"vision_encoder\.blocks\.(\d+)\.(.+)$", key)
+            if block:
+                sub = block.group(2).replace("feedforward.model.2.", "feedforward.model.3.")
+                out[f"{prefix}blocks.{block.group(1)}.{sub}"] = value
+    ignored = sorted(k for k in state_dict if not (k in _VISION_TO_VILT or k in _TEXT_TO_VILT
+                                                   or re.match(r"vision_encoder\.blocks\.\d+\.", k)))
+    notes = []
+    if any(k.startswith("text_encoder.encoder.") for k in ignored):
+        notes.append("text_encoder.encoder.*: not loaded (ViLT has text embeddings only, no text layers)")
+    return Conversion(out, ignored, notes)
 
 
 # ---- task starting points -----------------------------------------------------------------

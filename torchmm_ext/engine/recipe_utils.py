@@ -42,8 +42,12 @@ class InitConfig:
     """Where a recipe's weights start.
 
     Attributes:
-        vision (str): DeiT/ViT weights (timm layout), as ALBEF initialises a fresh model.
-        text (str): bert-base-uncased weights (Hugging Face layout; layers 0-5 text, 6-11 fusion).
+        vision (str): image-encoder weights: a DeiT/ViT (timm layout, as ALBEF and ViLT start) or
+            CLIP file (METER), or a whole-model checkpoint (e.g. ALBEF's) whose vision encoder
+            is taken (``load_pretrained(..., part="vision")``; ViLT maps it onto its transformer).
+        text (str): text-encoder weights: bert-base-uncased (Hugging Face layout; ALBEF: layers
+            0-5 text, 6-11 fusion) or RoBERTa (METER), or a whole-model checkpoint whose text
+            encoder is taken (ViLT: its embeddings only).
         checkpoint (str): a whole-model checkpoint in any layout (what ``--checkpoint``
             overrides), e.g. the output of ``examples/albef/pretrain.py``.
         checkpoint_hint (str): how to make ``checkpoint`` when it does not exist yet (shown in
@@ -176,9 +180,14 @@ def initialize_weights(
     """
     log = log or (lambda message: None)
     copy_params = getattr(model, "copy_params_to_momentum", None)
-    for part in (init.vision, init.text):
-        if part:
-            log(f"initialised from {part}:\n{load_pretrained(model, part).format()}")
+    for part, path in (("vision", init.vision), ("text", init.text)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(
+                f"init.{part} {path} does not exist (the {part} encoder's starting weights); "
+                f"to start that encoder from scratch instead: --opts init.{part}=''"
+            )
+        if path:
+            log(f"{part} encoder initialised from {path}:\n{load_pretrained(model, path, part=part).format()}")
     if (init.vision or init.text) and copy_params is not None:
         copy_params()  # ALBEF's copy_params after its BERT/DeiT initialisation
     if not checkpoint:

@@ -52,6 +52,8 @@ from torchmm_ext.modules.vision_transformer import QuickGELU, VisionTransformer
 
 __all__ = [
     "METER_PRESETS",
+    "TEXT_KINDS",
+    "VISION_KINDS",
     "METERClassifierOutput",
     "METERForNLVR",
     "METERForPretraining",
@@ -567,10 +569,36 @@ class METERForPretraining(METERModel):
 # ---- builders ---------------------------------------------------------------------------------
 
 
+#: Image encoders METER's builders make (``vision_kind``): ``clip`` is the paper's CLIP ViT
+#: (``ln_pre``, QuickGELU, eps 1e-5, no patch bias); ``vit`` a timm/DeiT ViT (GELU, eps 1e-6,
+#: patch bias, no ``ln_pre``), one of the image encoders METER's study compares, and the one
+#: this library's ALBEF has (so an ALBEF checkpoint's vision encoder can start METER's).
+VISION_KINDS = {
+    "clip": dict(layer_norm_eps=1e-5, activation=QuickGELU, pre_norm=True, patch_bias=False),
+    "vit": dict(layer_norm_eps=1e-6, activation=nn.GELU, pre_norm=False, patch_bias=True),
+}
+#: Text encoders (``text_kind``): ``roberta`` is the paper's (one token type, position ids past
+#: the padding id, eps 1e-5); ``bert`` is BERT-base's (two token types, positions from 0, eps
+#: 1e-12), METER's other text encoder and ALBEF's.
+TEXT_KINDS = {
+    "roberta": dict(layer_norm_eps=1e-5, type_vocab_size=1, offset_pos_ids=True),
+    "bert": dict(layer_norm_eps=1e-12, type_vocab_size=2, offset_pos_ids=False),
+}
+
+
+def _kind(name: str, value: str, kinds: Dict[str, Any]) -> Dict[str, Any]:
+    if value not in kinds:
+        raise ValueError(f"unknown METER {name} {value!r}; choose one of {sorted(kinds)}")
+    return kinds[value]
+
+
 def _meter_encoders(preset: str, sizes: Dict[str, Optional[int]], pad_token_id: Optional[int],
-                    dropout: float) -> tuple[VisionTransformer, BERTTextEncoder, Dict[str, Any]]:
+                    dropout: float, vision_kind: str = "clip", text_kind: str = "roberta",
+                    ) -> tuple[VisionTransformer, BERTTextEncoder, Dict[str, Any]]:
     if preset not in METER_PRESETS:
         raise ValueError(f"unknown METER preset {preset!r}; choose one of {sorted(METER_PRESETS)}")
+    vision_options = _kind("vision_kind", vision_kind, VISION_KINDS)
+    text_options = _kind("text_kind", text_kind, TEXT_KINDS)
     cfg = {k: (sizes[k] if sizes.get(k) is not None else v) for k, v in METER_PRESETS[preset].items()}
     vision_encoder = VisionTransformer(
         image_size=cfg["image_size"],
@@ -579,11 +607,10 @@ def _meter_encoders(preset: str, sizes: Dict[str, Optional[int]], pad_token_id: 
         depth=cfg["vision_layers"],
         num_heads=cfg["vision_heads"],
         mlp_dim=cfg["vision_mlp_dim"],
-        layer_norm_eps=1e-5,
-        activation=QuickGELU,
-        pre_norm=True,
-        patch_bias=False,
+        **vision_options,
     )
+    if pad_token_id is None:
+        pad_token_id = ROBERTA_PAD_TOKEN_ID if text_kind == "roberta" else 0
     text_encoder = albef_text_encoder(
         vocab_size=cfg["vocab_size"],
         width=cfg["text_width"],
@@ -591,11 +618,9 @@ def _meter_encoders(preset: str, sizes: Dict[str, Optional[int]], pad_token_id: 
         num_heads=cfg["text_heads"],
         ffn_dim=cfg["text_ffn_dim"],
         max_position_embeddings=cfg["max_position_embeddings"],
-        pad_token_id=ROBERTA_PAD_TOKEN_ID if pad_token_id is None else pad_token_id,
+        pad_token_id=pad_token_id,
         dropout=dropout,
-        layer_norm_eps=1e-5,
-        type_vocab_size=1,
-        offset_pos_ids=True,
+        **text_options,
     )
     fusion = dict(hidden_size=cfg["hidden_size"], fusion_layers=cfg["fusion_layers"],
                   fusion_heads=cfg["fusion_heads"], fusion_ffn_dim=cfg["fusion_ffn_dim"], dropout=dropout)
@@ -611,8 +636,13 @@ _SIZE_DOC = """
         text_width, text_layers, text_heads, text_ffn_dim, vocab_size, max_position_embeddings:
             text-encoder sizes.
         hidden_size, fusion_layers, fusion_heads, fusion_ffn_dim: co-attention sizes.
-        pad_token_id (Optional[int]): tokenizer padding id (RoBERTa's 1 when ``None``).
+        pad_token_id (Optional[int]): tokenizer padding id (when ``None``: RoBERTa's 1, or 0 for
+            ``text_kind="bert"``).
         dropout (float): hidden dropout of the text encoder and fusion layers (0.1).
+        vision_kind (str): ``"clip"`` (the paper's CLIP ViT) or ``"vit"`` (timm/DeiT ViT, as
+            ALBEF's), see :data:`VISION_KINDS`.
+        text_kind (str): ``"roberta"`` (the paper's) or ``"bert"`` (BERT, as ALBEF's), see
+            :data:`TEXT_KINDS`.
 """
 
 
@@ -642,6 +672,8 @@ def meter_model(
     pad_token_id: Optional[int] = None,
     dropout: float = 0.1,
     num_image_types: int = 1,
+    vision_kind: str = "clip",
+    text_kind: str = "roberta",
 ) -> METERModel:
     """Builds METER's backbone (no task head): :class:`METERModel`.
     {sizes}
@@ -650,25 +682,23 @@ def meter_model(
     Returns:
         METERModel
     """
-    vision, text, fusion = _meter_encoders(preset, _sizes(locals()), pad_token_id, dropout)
+    vision, text, fusion = _meter_encoders(preset, _sizes(locals()), pad_token_id, dropout, vision_kind, text_kind)
     return METERModel(vision, text, num_image_types=num_image_types, **fusion)
 
 
 def meter_model_for_vqa(preset: str = "base", *, num_answers: int = 3129, **sizes: Any) -> METERForVQA:
     """Builds METER for VQA (:class:`METERForVQA`); ``num_answers`` answer classes (3129 for
     VQAv2). Size keywords as :func:`meter_model`."""
-    pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
-    _check_sizes(sizes)
-    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout)
+    pad, dropout, kinds = _encoder_options(sizes)
+    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout, *kinds)
     return METERForVQA(vision, text, num_answers=num_answers, **fusion)
 
 
 def meter_model_for_nlvr(preset: str = "base", **sizes: Any) -> METERForNLVR:
     """Builds METER for NLVR2 (:class:`METERForNLVR`, 3 modality ids). Size keywords as
     :func:`meter_model`."""
-    pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
-    _check_sizes(sizes)
-    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout)
+    pad, dropout, kinds = _encoder_options(sizes)
+    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout, *kinds)
     return METERForNLVR(vision, text, **fusion)
 
 
@@ -676,19 +706,25 @@ def meter_model_for_retrieval(preset: str = "base", *, itm_weight: float = 1.0, 
                               **sizes: Any) -> METERForRetrieval:
     """Builds METER for image-text retrieval (:class:`METERForRetrieval`). Size keywords as
     :func:`meter_model`."""
-    pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
-    _check_sizes(sizes)
-    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout)
+    pad, dropout, kinds = _encoder_options(sizes)
+    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout, *kinds)
     return METERForRetrieval(vision, text, itm_weight=itm_weight, freeze_itm_head=freeze_itm_head, **fusion)
 
 
 def meter_model_for_pretraining(preset: str = "base", **sizes: Any) -> METERForPretraining:
     """Builds METER for pre-training (:class:`METERForPretraining`, MLM + ITM). Size keywords as
     :func:`meter_model`."""
-    pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
-    _check_sizes(sizes)
-    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout)
+    pad, dropout, kinds = _encoder_options(sizes)
+    vision, text, fusion = _meter_encoders(preset, sizes, pad, dropout, *kinds)
     return METERForPretraining(vision, text, **fusion)
+
+
+def _encoder_options(sizes: Dict[str, Any]) -> tuple[Optional[int], float, tuple[str, str]]:
+    """Pops the non-size keywords of a task builder's ``**sizes`` and checks the rest."""
+    pad, dropout = sizes.pop("pad_token_id", None), sizes.pop("dropout", 0.1)
+    kinds = (sizes.pop("vision_kind", "clip"), sizes.pop("text_kind", "roberta"))
+    _check_sizes(sizes)
+    return pad, dropout, kinds
 
 
 def _check_sizes(sizes: Dict[str, Any]) -> None:
@@ -696,7 +732,7 @@ def _check_sizes(sizes: Dict[str, Any]) -> None:
     if unknown:
         raise TypeError(
             f"unknown METER builder argument(s) {unknown}; the size arguments are "
-            f"{sorted(METER_PRESETS['base'])}, plus pad_token_id and dropout"
+            f"{sorted(METER_PRESETS['base'])}, plus pad_token_id, dropout, vision_kind and text_kind"
         )
 
 

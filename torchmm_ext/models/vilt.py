@@ -37,6 +37,7 @@ from torchmultimodal.modules.losses.flava import MaskedPredictionHead
 
 from torchmm_ext.modules.mlm import masked_lm_loss
 from torchmm_ext.modules.text_encoder import init_bert_weights
+from torchmm_ext.modules.word_patch_alignment import word_patch_alignment_loss
 
 __all__ = [
     "VILT_PRESETS",
@@ -59,11 +60,13 @@ __all__ = [
 ]
 
 #: Size presets. ``base`` is the published ViLT-B/32 (BERT-base text embeddings, 40 tokens,
-#: ViT-B/32 at 384 px); ``tiny`` is for CPU debugging on the 64 px shapes world.
+#: ViT-B/32 at 384 px); ``tiny`` is for CPU debugging on the 64 px shapes world, with the sizes
+#: of ALBEF's ``tiny`` ViT (192 wide, 3 heads, MLP 768, 4 blocks), so that its transformer can
+#: start from that ViT as ViLT's starts from an ImageNet ViT (``init.vision``).
 VILT_PRESETS: Dict[str, Dict[str, int]] = {
     "base": dict(width=768, depth=12, num_heads=12, mlp_dim=3072, image_size=384, patch_size=32,
                  max_text_len=40),
-    "tiny": dict(width=128, depth=4, num_heads=4, mlp_dim=512, image_size=64, patch_size=8,
+    "tiny": dict(width=192, depth=4, num_heads=3, mlp_dim=768, image_size=64, patch_size=8,
                  max_text_len=40),
 }
 
@@ -551,11 +554,12 @@ class ViltForRetrieval(_ViltTaskModel):
 
 class ViltPretrainingOutput(NamedTuple):
     """Attributes:
-    loss (Tensor): ``itm_loss + mlm_loss``.
+    loss (Tensor): ``itm_loss + mlm_loss + wpa_loss``.
     itm_loss (Tensor): ITM cross-entropy.
     mlm_loss (Tensor): MLM cross-entropy over the masked positions.
     itm_logits (Tensor): ``[B, 2]``.
     mlm_logits (Tensor): ``[B, L, V]``.
+    wpa_loss (Optional[Tensor]): the weighted word-patch alignment term (None at weight 0).
     """
 
     loss: Tensor
@@ -563,11 +567,19 @@ class ViltPretrainingOutput(NamedTuple):
     mlm_loss: Tensor
     itm_logits: Tensor
     mlm_logits: Tensor
+    wpa_loss: Optional[Tensor] = None
 
 
 class ViltForPretraining(_ViltTaskModel):
-    """ViLT pre-training heads: ITM (Linear(D, 2) on the pooled output) and MLM (BERT's
-    transform + an untied decoder with its own bias, on the text features).
+    """ViLT pre-training heads: ITM (Linear(D, 2) on the pooled output) with word-patch alignment
+    (:func:`~torchmm_ext.modules.word_patch_alignment.word_patch_alignment_loss` on the ITM
+    pass's final text and patch states, weight ``wpa_weight``; ViLT's ``compute_itm_wpa``) and
+    MLM (BERT's transform + an untied decoder with its own bias, on the text features).
+
+    Args:
+        vilt (ViltModel): the backbone.
+        vocab_size (int): MLM vocabulary.
+        wpa_weight (float): weight of the word-patch alignment term (ViLT: 0.1; 0 turns it off).
 
     Inputs (``forward``):
         images (Tensor): ``[B, 3, H, W]`` each text's own image (the MLM pass).
@@ -583,9 +595,10 @@ class ViltForPretraining(_ViltTaskModel):
         ViltPretrainingOutput
     """
 
-    def __init__(self, vilt: ViltModel, vocab_size: int) -> None:
+    def __init__(self, vilt: ViltModel, vocab_size: int, wpa_weight: float = 0.1) -> None:
         super().__init__()
         self.vilt = vilt
+        self.wpa_weight = wpa_weight
         self.itm_head = nn.Linear(vilt.width, 2)
         self.mlm_head = MaskedPredictionHead(hidden_size=vilt.width, vocab_size=vocab_size,
                                              transform_act_fn=F.gelu, layer_norm_eps=1e-12)
@@ -607,10 +620,18 @@ class ViltForPretraining(_ViltTaskModel):
         mlm_out = self.vilt(mlm_input_ids, attention_mask, images, pixel_mask)
         mlm_logits = self.mlm_head(mlm_out.text_features)
         mlm_loss = masked_lm_loss(mlm_logits, mlm_labels)
-        itm_pooled = self.vilt(input_ids, attention_mask, itm_images, itm_pixel_mask).pooled_output
-        itm_logits = self.itm_head(itm_pooled)
+        itm_out = self.vilt(input_ids, attention_mask, itm_images, itm_pixel_mask)
+        itm_logits = self.itm_head(itm_out.pooled_output)
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
-        return ViltPretrainingOutput(itm_loss + mlm_loss, itm_loss, mlm_loss, itm_logits, mlm_logits)
+        loss = itm_loss + mlm_loss
+        wpa_loss = None
+        if self.wpa_weight:
+            num_text = input_ids.shape[1]
+            wpa_loss = self.wpa_weight * word_patch_alignment_loss(
+                itm_out.text_features, itm_out.image_features, itm_out.attention_mask[:, :num_text],
+                itm_out.attention_mask[:, num_text:], itm_labels)
+            loss = loss + wpa_loss
+        return ViltPretrainingOutput(loss, itm_loss, mlm_loss, itm_logits, mlm_logits, wpa_loss)
 
 
 # ---- builders -------------------------------------------------------------------------------
@@ -644,7 +665,7 @@ def vilt_model(
 
     Args:
         preset (str): ``"base"`` (ViLT-B/32: 768 wide, 12 blocks, 384 px, 32 px patches, 40
-            tokens) or ``"tiny"`` (128 wide, 4 blocks, 64 px, 8 px patches); the size arguments
+            tokens) or ``"tiny"`` (192 wide, 3 heads, 4 blocks, 64 px, 8 px patches); the size arguments
             below override it.
         vocab_size (int): tokenizer vocabulary (30522 for bert-base-uncased).
         width, depth, num_heads, mlp_dim, image_size, patch_size, max_text_len (Optional[int]):
@@ -766,14 +787,16 @@ def vilt_model_for_pretraining(
     dropout: float = 0.1,
     max_image_len: int = 200,
     pad_token_id: int = 0,
+    wpa_weight: float = 0.1,
 ) -> ViltForPretraining:
-    """ViLT for pre-training: :func:`vilt_model` + ITM and MLM heads.
+    """ViLT for pre-training: :func:`vilt_model` + ITM (with word-patch alignment) and MLM heads.
 
     Args:
         max_image_len (int): patches kept per image in training (200 in ViLT's pre-training).
+        wpa_weight (float): weight of the word-patch alignment term (ViLT: 0.1; 0: ITM alone).
         others: as in :func:`vilt_model`.
 
     Returns:
         ViltForPretraining
     """
-    return ViltForPretraining(_backbone(locals()), vocab_size)
+    return ViltForPretraining(_backbone(locals()), vocab_size, wpa_weight)

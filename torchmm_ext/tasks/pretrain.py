@@ -121,7 +121,10 @@ def run_pretrain(
         def step_fn(model, batch: Dict[str, torch.Tensor], ctx: StepContext) -> StepOutput:
             out = model(**model_inputs(batch, INPUTS))
             itm_acc = (out.itm_logits.argmax(-1) == batch["itm_labels"]).float().mean()
-            return StepOutput(out.loss, {"loss_itm": out.itm_loss, "loss_mlm": out.mlm_loss, "itm_acc": 100.0 * itm_acc})
+            metrics = {"loss_itm": out.itm_loss, "loss_mlm": out.mlm_loss, "itm_acc": 100.0 * itm_acc}
+            if getattr(out, "wpa_loss", None) is not None:  # ViLT's word-patch alignment
+                metrics["loss_wpa"] = out.wpa_loss
+            return StepOutput(out.loss, metrics)
 
         train_and_reload_best(
             model=model, train_model=train_model, loader=loader, step_fn=step_fn, train_cfg=cfg.train,

@@ -30,6 +30,22 @@ VQA = [*SMALL, "eval.k_test=5"]
 FAMILY_GROUPS = {"vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
 
 
+@pytest.mark.parametrize("family", ["vilt", "meter"])
+@pytest.mark.parametrize("task", ["vqa", "nlvr", "retrieval"])
+def test_vilt_meter_shapes_configs_are_the_backbone_configs_plus_das(family, task):
+    """DAS keeps the backbone's model, data and learning rates (as published), so its shapes
+    configs must follow the backbone's shapes configs; only the step budget differs."""
+    import yaml
+
+    ours = yaml.safe_load((DAS / "configs" / f"{family}_{task}_shapes.yaml").read_text())
+    backbone = yaml.safe_load((DAS.parent / family / "configs" / f"{task}_shapes.yaml").read_text())
+    assert ours["model"] == backbone["model"] and ours["data"] == backbone["data"]
+    budget = {"epochs": 2, "max_steps_per_epoch": 50, "eval_every": 2}
+    assert {k: v for k, v in ours["train"].items() if k not in budget} == \
+        {k: v for k, v in backbone["train"].items() if k not in budget}
+    assert {k: ours["train"][k] for k in budget} == budget
+
+
 def test_shipped_configs_load_and_name_their_stages():
     search = load("search")
     configs = sorted((DAS / "configs").glob("*.yaml"))

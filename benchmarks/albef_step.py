@@ -262,7 +262,16 @@ OURS_ABLATIONS: Dict[str, tuple] = {
     # candidate: SDPA's math backend (its backward is plain matmuls) instead of the CPU flash
     # kernel, whose backward is the slowest op of our bf16 step on the CPU
     "sdpa-math": ("train", {}, lambda: torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])),
+    # the CPU flash kernel's backward in bf16, as before torchmm_ext.modules.attention ran it
+    # in fp32 for bf16 training
+    "attn-bwd-bf16": ("train", {}, lambda: _attention_backward_in_fp32(False)),
 }
+
+
+def _attention_backward_in_fp32(enabled: bool):
+    from torchmm_ext.modules.attention import cpu_attention_backward_in_fp32
+
+    return cpu_attention_backward_in_fp32(enabled)
 
 
 @contextmanager

@@ -179,3 +179,28 @@ def test_albef_bf16_training_step_same_loss_and_gradients_as_plain_attention(mon
             continue  # exactly zero (softmax ignores a shift shared by all keys): both are noise
         scale = plain_grads[name].abs().max()
         assert (g - plain_grads[name]).abs().max() <= 2e-2 * scale + 1e-8, name
+
+
+def test_itc_similarities_are_fp32_under_bf16_autocast(monkeypatch):
+    # ITC's similarities against the 2 x [E, B + Q] feature matrices run with autocast off:
+    # fp32 products (as the model's comment requires), checked on the queue's columns.
+    torch.manual_seed(0)
+    model = albef_model_for_retrieval(**SMALL, queue_size=32).train()
+    with torch.no_grad():
+        model.queue.idx_queue.copy_(torch.arange(32).view(1, -1) + 100)  # no empty slot
+    text_queue = model.queue.text_queue.clone()
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(4, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, 64, (4, 7), generator=gen)
+    mask = torch.ones(4, 7, dtype=torch.long)
+    seen = {}
+    encode_image, itc_loss = model.encode_image, model.itc_loss.forward
+    monkeypatch.setattr(model, "encode_image",
+                        lambda *a, **k: seen.setdefault("image", encode_image(*a, **k)))
+    monkeypatch.setattr(model.itc_loss, "forward", lambda *a: seen.setdefault("sims", a[:4]) and itc_loss(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(image, ids, mask, torch.arange(4), alpha=0.4)
+    assert all(s.dtype == torch.float32 for s in seen["sims"])
+    image_feat = seen["image"].features.float().detach()
+    expected = image_feat @ text_queue / model.temp.detach()
+    torch.testing.assert_close(seen["sims"][0][:, 4:].detach(), expected, rtol=1e-5, atol=1e-5)

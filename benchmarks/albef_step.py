@@ -795,8 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     configs.append(train_config(impl, models[impl], train_inputs, prec, fused, args, device))
                 if impl == "ours":
                     for ablation in ablations_of("train"):
-                        if ablation == "momentum-recast" and prec == "fp32":
-                            continue  # no autocast, no cast: the same step as ours
+                        if ablation in ("momentum-recast", "attn-bwd-bf16") and prec == "fp32":
+                            continue  # no autocast / bf16 attention: the same step as ours
                         configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
                                                     device, ablation))
                     if args.compile:

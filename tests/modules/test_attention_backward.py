@@ -6,7 +6,6 @@ dispatch conditions, and through a whole ALBEF training step."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import sdpa_kernel, SDPBackend
 from torchmultimodal.modules.layers.multi_head_attention import MultiHeadSelfAttention
 from torchmultimodal.modules.layers.transformer import TransformerEncoderLayer

@@ -8,7 +8,7 @@ explicitly for one layer with the helpers below, so the fast kernel stays on eve
 
 Why a wrapper: on the CPU, SDPA runs every one of our attentions (ViT blocks without a mask,
 text self-attention with a boolean padding mask, fusion cross-attention) on its flash kernel
-(``_scaled_dot_product_flash_attention_for_cpu``). Its bf16 *backward* is 2-6x slower than
+(``_scaled_dot_product_flash_attention_for_cpu``). Its bf16 *backward* is 2-7x slower than
 its own fp32 backward at our shapes (1 thread, Sapphire Rapids: ViT-B layer, batch 4, ~78 vs
 ~38 ms; 30-token text layer, 12 pairs, ~40 vs ~6 ms) and was the largest non-GEMM cost of the
 bf16 training step. In bf16 training on the CPU the wrapper keeps the same flash forward (the

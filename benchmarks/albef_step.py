@@ -262,7 +262,16 @@ OURS_ABLATIONS: Dict[str, tuple] = {
     # candidate: SDPA's math backend (its backward is plain matmuls) instead of the CPU flash
     # kernel, whose backward is the slowest op of our bf16 step on the CPU
     "sdpa-math": ("train", {}, lambda: torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH])),
+    # the CPU flash kernel's backward in bf16, as before torchmm_ext.modules.attention ran it
+    # in fp32 for bf16 training
+    "attn-bwd-bf16": ("train", {}, lambda: _attention_backward_in_fp32(False)),
 }
+
+
+def _attention_backward_in_fp32(enabled: bool):
+    from torchmm_ext.modules.attention import cpu_attention_backward_in_fp32
+
+    return cpu_attention_backward_in_fp32(enabled)
 
 
 @contextmanager
@@ -786,8 +795,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     configs.append(train_config(impl, models[impl], train_inputs, prec, fused, args, device))
                 if impl == "ours":
                     for ablation in ablations_of("train"):
-                        if ablation == "momentum-recast" and prec == "fp32":
-                            continue  # no autocast, no cast: the same step as ours
+                        if ablation in ("momentum-recast", "attn-bwd-bf16") and prec == "fp32":
+                            continue  # no autocast / bf16 attention: the same step as ours
                         configs.append(train_config(impl, models[impl], train_inputs, prec, True, args,
                                                     device, ablation))
                     if args.compile:

@@ -5,7 +5,8 @@ The text encoder is torchmultimodal's ``BERTTextEncoder`` (``BERTTextEmbeddings`
 transformer encoder). ``bert_text_encoder`` itself builds FLAVA transformer layers whose
 attention is an explicit matmul-softmax; we pass ``BERTTextEncoder`` an encoder made of
 torchmultimodal's ``TransformerEncoderLayer`` (post-norm, BERT layout) instead, whose
-``MultiHeadSelfAttention`` calls ``F.scaled_dot_product_attention``.
+``MultiHeadSelfAttention`` (as :class:`~torchmm_ext.modules.attention.SelfAttention`) calls SDPA
+through :func:`~torchmm_ext.modules.attention.scaled_dot_product_attention`.
 
 The fusion layers are assembled from the same primitives (``MultiHeadSelfAttention``,
 ``MultiHeadAttentionWithCache`` for cross-attention, ``MLP``, ``Fp32LayerNorm``) rather than
@@ -23,7 +24,6 @@ from torchmultimodal.modules.encoders.bert_text_encoder import BERTTextEncoder
 from torchmultimodal.modules.layers.mlp import MLP
 from torchmultimodal.modules.layers.multi_head_attention import (
     MultiHeadAttentionWithCache,
-    MultiHeadSelfAttention,
 )
 from torchmultimodal.modules.layers.normalizations import Fp32LayerNorm
 from torchmultimodal.modules.layers.text_embedding import BERTTextEmbeddings
@@ -32,7 +32,12 @@ from torchmultimodal.modules.layers.transformer import (
     TransformerOutput,
 )
 
-from torchmm_ext.modules.attention import cross_attention_with_probs
+from torchmm_ext.modules.attention import (
+    cross_attention_with_probs,
+    scaled_dot_product_attention,
+    SelfAttention,
+    use_self_attention,
+)
 
 
 def padding_mask(attention_mask: Tensor) -> Tensor:
@@ -134,6 +139,7 @@ def albef_text_encoder(
     for layer in encoder.layer:
         # torchmultimodal's MLP puts a dropout after GELU; BERT has none there.
         layer.feedforward = MLP(width, width, ffn_dim, dropout=0.0, activation=nn.GELU)
+        use_self_attention(layer)  # SDPA through torchmm_ext.modules.attention
     text_encoder = BERTTextEncoder(embeddings=embeddings, encoder=encoder)
     init_bert_weights(text_encoder)
     return text_encoder
@@ -244,7 +250,7 @@ class FusionLayer(nn.Module):
         layer_norm_eps: float = 1e-12,
     ) -> None:
         super().__init__()
-        self.attention = MultiHeadSelfAttention(width, num_heads)
+        self.attention = SelfAttention(width, num_heads)
         self.attention_dropout = nn.Dropout(dropout)
         self.attention_layernorm = Fp32LayerNorm(width, eps=layer_norm_eps)
         self.cross_attention = MultiHeadAttentionWithCache(width, image_width, num_heads)
@@ -278,14 +284,14 @@ class FusionLayer(nn.Module):
             q = q.reshape(u, k_pairs, h, length, d // h).transpose(1, 2).reshape(u, h, k_pairs * length, d // h)
             k = k.view(u, -1, h, d // h).transpose(1, 2)
             v = v.view(u, -1, h, d // h).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v, None, dropout)  # [U, H, k*L, d/H]
+            out = scaled_dot_product_attention(q, k, v, None, dropout)  # [U, H, k*L, d/H]
             out = out.reshape(u, h, k_pairs, length, d // h).transpose(1, 2).reshape(b, h, length, d // h)
         else:
             if image_index is not None:
                 k, v = k[image_index], v[image_index]
             k = k.view(b, -1, h, d // h).transpose(1, 2)
             v = v.view(b, -1, h, d // h).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, k, v, image_mask, dropout)
+            out = scaled_dot_product_attention(q, k, v, image_mask, dropout)
         return attn.output_proj(out.transpose(1, 2).reshape(b, length, d))
 
     def _self_attend_first_token(self, x: Tensor, text_mask: Tensor) -> Tensor:
@@ -303,7 +309,7 @@ class FusionLayer(nn.Module):
         k = k.reshape(b, length, h, d // h).transpose(1, 2)
         v = v.reshape(b, length, h, d // h).transpose(1, 2)
         text_mask = text_mask[:, :, :1]  # the first query's row (a no-op for a [P, 1, 1, L] mask)
-        out = F.scaled_dot_product_attention(q, k, v, text_mask, attn.dropout if self.training else 0.0)
+        out = scaled_dot_product_attention(q, k, v, text_mask, attn.dropout if self.training else 0.0)
         return attn.output_proj(out.transpose(1, 2).reshape(b, 1, d))
 
     def forward_packed(
@@ -343,13 +349,13 @@ class FusionLayer(nn.Module):
                 q, kv = q[packing.first], torch.cat([k_, v_], dim=-1)
             k, v = (_heads(t, h) for t in _unpack(kv, packing).chunk(2, dim=-1))
             q = _heads(q.unsqueeze(1), h)
-            out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, 1, d/H]
+            out = scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, 1, d/H]
             attended = attn.output_proj(out.transpose(1, 2).reshape(packing.pairs, d))
             x = x[packing.first]
             rows = packing.image_pairs
         else:
             q, k, v = (_heads(t, h) for t in _unpack(attn.input_proj(x), packing).chunk(3, dim=-1))
-            out = F.scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, L, d/H]
+            out = scaled_dot_product_attention(q, k, v, text_mask)  # [P, H, L, d/H]
             out = out.transpose(1, 2).reshape(packing.pairs * packing.length, d)[packing.index]
             attended = attn.output_proj(out)
             rows = packing.image_rows
@@ -362,7 +368,7 @@ class FusionLayer(nn.Module):
         outs = []
         for u, q_u in enumerate(q.split(rows)):
             q_u = q_u.view(1, -1, h, d // h).transpose(1, 2)  # [1, H, T_u, d/H]
-            out = F.scaled_dot_product_attention(q_u, k[u : u + 1], v[u : u + 1])
+            out = scaled_dot_product_attention(q_u, k[u : u + 1], v[u : u + 1])
             outs.append(out.transpose(1, 2).reshape(-1, d))
         x = self.cross_attention_layernorm(x + cross.output_proj(torch.cat(outs)))
         return self.feedforward_layernorm(x + self.feedforward(x))

@@ -4,7 +4,8 @@ torchmultimodal's ``ALBEFVisionEncoder`` is an FX-traced torchvision ViT: its bl
 replaced, skipped or interleaved with pruning, and its attention bypasses SDPA. We assemble the
 same ViT-B/16 from torchmultimodal's lower primitives instead (``PatchEmbeddings`` for the CLS
 token, position and patch embeddings; pre-norm ``TransformerEncoderLayer`` blocks, whose
-``MultiHeadSelfAttention`` runs ``F.scaled_dot_product_attention``) and expose the seams the
+``MultiHeadSelfAttention``, as :class:`~torchmm_ext.modules.attention.SelfAttention`, runs
+SDPA) and expose the seams the
 efficiency methods need:
 
 * ``encoder.blocks[i]`` is a plain module ``[B, L, D] -> [B, L, D]``: replace it (DAS adapters),
@@ -24,7 +25,7 @@ from torchmultimodal.modules.layers.normalizations import Fp32LayerNorm
 from torchmultimodal.modules.layers.patch_embedding import PatchEmbeddings
 from torchmultimodal.modules.layers.transformer import TransformerEncoderLayer
 
-from torchmm_ext.modules.attention import self_attention_with_probs
+from torchmm_ext.modules.attention import self_attention_with_probs, use_self_attention
 
 
 class VisionTransformerOutput(NamedTuple):
@@ -143,6 +144,8 @@ class VisionTransformer(nn.Module):
             )
             for rate in rates
         )
+        for block in self.blocks:
+            use_self_attention(block)  # SDPA through torchmm_ext.modules.attention
         self.norm = Fp32LayerNorm(width, eps=layer_norm_eps)
         self.token_reducers = nn.ModuleDict()
         if not patch_bias:

@@ -258,18 +258,22 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
                     # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
                     image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
                     text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
-                    sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
-                    sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+                    with torch.autocast(image.device.type, enabled=False):  # fp32, see below
+                        sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+                        sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
             else:
                 image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
-        # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets.
+        # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets. Autocast
+        # is off for them (it would run the products in bf16); that is also faster: the
+        # [E, B + Q] feature matrices are not re-cast to bf16 at each use (GEMMs of B rows).
         image_feat, text_feat = image_enc.features.float(), text_enc.features.float()
         if self.itc_online_batch:  # the batch's columns carry gradient (CLIP-style)
             first_queued = image_feat_all.size(1) - self.queue.size
             text_feat_all = torch.cat([text_feat.T, text_feat_all[:, first_queued:]], dim=1)
             image_feat_all = torch.cat([image_feat.T, image_feat_all[:, first_queued:]], dim=1)
-        sim_i2t = (image_feat @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
-        sim_t2i = (text_feat @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+        with torch.autocast(image.device.type, enabled=False):
+            sim_i2t = (image_feat @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+            sim_t2i = (text_feat @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
         loss_itc = self.itc_loss(sim_i2t, sim_t2i, sim_i2t_m, sim_t2i_m, sim_targets, alpha)
         if image_m is not None:
             self.queue.enqueue(image_feat_m, text_feat_m, queued_idx)

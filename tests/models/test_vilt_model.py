@@ -54,6 +54,28 @@ def test_every_task_model_runs_forward_and_backward_at_tiny_size():
     assert assert_trains(pre, out.loss) == []
 
 
+def test_pretraining_itm_reads_the_unmasked_text_and_the_itm_images_only():
+    # ViLT's ITM pass: the unmasked caption with the (possibly swapped) ITM image; the MLM pass's
+    # masked ids and own images must not reach the ITM logits, and the ITM weight scales only ITM
+    images, ids, mask = inputs(b=3)
+    pre = vilt_model_for_pretraining("tiny", vocab_size=VOCAB, itm_weight=4.0).eval()
+    labels = torch.full_like(ids, -100)
+    labels[:, 2] = ids[:, 2]
+    masked = ids.masked_fill(labels != -100, 3)
+    itm_images, itm_labels = images.roll(1, 0), torch.tensor([0, 0, 0])
+    with torch.no_grad():
+        out = pre(images, ids, mask, masked, labels, itm_images, itm_labels)
+        other_mlm = pre(torch.randn_like(images), ids, mask, torch.randint(1, VOCAB, ids.shape), labels,
+                        itm_images, itm_labels)
+        alone = pre.itm_head(pre.vilt(ids, mask, itm_images).pooled_output)
+        own = pre(images, ids, mask, masked, labels, images, torch.tensor([1, 1, 1]))
+    torch.testing.assert_close(other_mlm.itm_logits, out.itm_logits)
+    torch.testing.assert_close(out.itm_logits, alone)
+    assert not torch.allclose(own.itm_logits, out.itm_logits)  # the ITM images do reach it
+    torch.testing.assert_close(out.itm_loss, torch.nn.functional.cross_entropy(alone, itm_labels))
+    torch.testing.assert_close(out.loss, 4.0 * out.itm_loss + out.mlm_loss + out.wpa_loss)
+
+
 def test_training_samples_at_most_max_image_len_real_patches_and_evaluation_keeps_all():
     model = vilt_model("tiny", vocab_size=VOCAB, max_image_len=20)
     images, ids, mask = inputs(height=64, width=48)  # 8 x 6 = 48 patches

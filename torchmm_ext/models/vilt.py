@@ -554,8 +554,8 @@ class ViltForRetrieval(_ViltTaskModel):
 
 class ViltPretrainingOutput(NamedTuple):
     """Attributes:
-    loss (Tensor): ``itm_loss + mlm_loss + wpa_loss``.
-    itm_loss (Tensor): ITM cross-entropy.
+    loss (Tensor): ``itm_weight * itm_loss + mlm_loss + wpa_loss``.
+    itm_loss (Tensor): ITM cross-entropy (unweighted).
     mlm_loss (Tensor): MLM cross-entropy over the masked positions.
     itm_logits (Tensor): ``[B, 2]``.
     mlm_logits (Tensor): ``[B, L, V]``.
@@ -580,6 +580,10 @@ class ViltForPretraining(_ViltTaskModel):
         vilt (ViltModel): the backbone.
         vocab_size (int): MLM vocabulary.
         wpa_weight (float): weight of the word-patch alignment term (ViLT: 0.1; 0 turns it off).
+        itm_weight (float): weight of the ITM loss (ViLT: 1, an unweighted sum). Near chance the
+            MLM gradient on the shared transformer is tens of times the ITM one (tiny shapes
+            model: 40-90x), and Adam's per-parameter normalisation then gives ITM a small
+            share of each update; a weight above 1 gives it more.
 
     Inputs (``forward``):
         images (Tensor): ``[B, 3, H, W]`` each text's own image (the MLM pass).
@@ -595,10 +599,11 @@ class ViltForPretraining(_ViltTaskModel):
         ViltPretrainingOutput
     """
 
-    def __init__(self, vilt: ViltModel, vocab_size: int, wpa_weight: float = 0.1) -> None:
+    def __init__(self, vilt: ViltModel, vocab_size: int, wpa_weight: float = 0.1, itm_weight: float = 1.0) -> None:
         super().__init__()
         self.vilt = vilt
         self.wpa_weight = wpa_weight
+        self.itm_weight = itm_weight
         self.itm_head = nn.Linear(vilt.width, 2)
         self.mlm_head = MaskedPredictionHead(hidden_size=vilt.width, vocab_size=vocab_size,
                                              transform_act_fn=F.gelu, layer_norm_eps=1e-12)
@@ -623,7 +628,7 @@ class ViltForPretraining(_ViltTaskModel):
         itm_out = self.vilt(input_ids, attention_mask, itm_images, itm_pixel_mask)
         itm_logits = self.itm_head(itm_out.pooled_output)
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
-        loss = itm_loss + mlm_loss
+        loss = self.itm_weight * itm_loss + mlm_loss
         wpa_loss = None
         if self.wpa_weight:
             num_text = input_ids.shape[1]
@@ -788,15 +793,17 @@ def vilt_model_for_pretraining(
     max_image_len: int = 200,
     pad_token_id: int = 0,
     wpa_weight: float = 0.1,
+    itm_weight: float = 1.0,
 ) -> ViltForPretraining:
     """ViLT for pre-training: :func:`vilt_model` + ITM (with word-patch alignment) and MLM heads.
 
     Args:
         max_image_len (int): patches kept per image in training (200 in ViLT's pre-training).
         wpa_weight (float): weight of the word-patch alignment term (ViLT: 0.1; 0: ITM alone).
+        itm_weight (float): weight of the ITM loss (ViLT: 1; see :class:`ViltForPretraining`).
         others: as in :func:`vilt_model`.
 
     Returns:
         ViltForPretraining
     """
-    return ViltForPretraining(_backbone(locals()), vocab_size, wpa_weight)
+    return ViltForPretraining(_backbone(locals()), vocab_size, wpa_weight, itm_weight)

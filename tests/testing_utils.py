@@ -43,6 +43,11 @@ def run_torchrun(recipe: Path, output_dir: Path, opts: Sequence[str], nproc: int
 
 
 # Encoder sizes that keep a recipe test at a few seconds (the "tiny" preset, narrower).
+# A very small ALBEF (pass with preset "tiny") for unit tests that build several model copies.
+SMALL_ALBEF = dict(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=2,
+                   vision_mlp_dim=96, text_width=48, text_layers=1, fusion_layers=2, text_heads=2,
+                   text_ffn_dim=96, vocab_size=64, embed_dim=16)
+
 TINY_ENCODER_OPTS = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
                      "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128"]
 

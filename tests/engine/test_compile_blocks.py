@@ -8,10 +8,9 @@ import torch
 
 from torchmm_ext.engine.fit import compile_blocks, TrainConfig
 from torchmm_ext.models.albef import albef_model_for_retrieval
+from testing_utils import SMALL_ALBEF
 
-SMALL = dict(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=2,
-             vision_mlp_dim=96, text_width=48, text_layers=1, fusion_layers=2, text_heads=2,
-             text_ffn_dim=96, vocab_size=64, embed_dim=16, queue_size=8)
+SMALL = dict(SMALL_ALBEF, queue_size=8)
 
 
 def _inputs():

@@ -18,10 +18,9 @@ from torchmm_ext.modules.attention import (
     SelfAttention,
     use_self_attention,
 )
+from testing_utils import SMALL_ALBEF
 
-SMALL = dict(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=2,
-             vision_mlp_dim=96, text_width=48, text_layers=1, fusion_layers=2, text_heads=2,
-             text_ffn_dim=96, vocab_size=64, embed_dim=16)
+SMALL = SMALL_ALBEF
 CASES = [  # batch, query length, key length, padding mask
     (3, 17, 17, False),  # ViT-like self-attention
     (4, 9, 9, True),  # text self-attention with padding

@@ -18,10 +18,9 @@ from torchmm_ext.models.albef import (
 )
 from torchmm_ext.modules import momentum as momentum_module
 from torchmm_ext.modules.momentum import momentum_update
+from testing_utils import SMALL_ALBEF
 
-SMALL = dict(image_size=32, patch_size=8, vision_width=48, vision_depth=2, vision_heads=2,
-             vision_mlp_dim=96, text_width=48, text_layers=1, fusion_layers=2, text_heads=2,
-             text_ffn_dim=96, vocab_size=64, embed_dim=16)
+SMALL = SMALL_ALBEF
 
 
 def _perturb_online(model: nn.Module) -> None:

@@ -203,6 +203,22 @@ def test_itm_uniform_negatives_reach_the_sampler(monkeypatch):
         tiny(itm_uniform_negatives=-0.1)
 
 
+def test_itm_weight_scales_only_the_itm_term_of_the_loss():
+    # Same weights, same sampled negatives: the parts are unchanged and the total weighs ITM.
+    images, ids, mask, idx = batch()
+    plain = tiny(queue_size=0, itc_online_batch=True).eval()
+    weighted = tiny(queue_size=0, itc_online_batch=True, itm_weight=0.5).eval()
+    weighted.load_state_dict(plain.state_dict())
+    torch.manual_seed(3)
+    a = plain(images, ids, mask, idx)
+    torch.manual_seed(3)
+    b = weighted(images, ids, mask, idx)
+    torch.testing.assert_close(b.loss_itc, a.loss_itc)
+    torch.testing.assert_close(b.loss_itm, a.loss_itm)
+    torch.testing.assert_close(b.loss, a.loss_itc + 0.5 * a.loss_itm)
+    assert not torch.allclose(b.loss, a.loss)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_training_step_on_cuda_matches_cpu_loss():

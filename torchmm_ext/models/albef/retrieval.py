@@ -32,7 +32,7 @@ _NO_IDX = -1
 
 class ALBEFRetrievalOutput(NamedTuple):
     """Attributes:
-    loss (Tensor): ``loss_itc + loss_itm``.
+    loss (Tensor): ``loss_itc + itm_weight * loss_itm`` (ALBEF: itm_weight 1).
     loss_itc (Tensor): image-text contrastive loss (with momentum distillation).
     loss_itm (Tensor): image-text matching loss over positives and hard negatives.
     """
@@ -80,6 +80,7 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         temp (float): initial temperature (learnable, clamped to [0.001, 0.5]).
         itc_online_batch (bool): see :func:`albef_model_for_retrieval`.
         itm_uniform_negatives (float): see :func:`albef_model_for_retrieval`.
+        itm_weight (float): see :func:`albef_model_for_retrieval`.
 
     Inputs (forward):
         image (Tensor): ``[B, 3, H, W]``.
@@ -103,8 +104,10 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         temp: float = 0.07,
         itc_online_batch: bool = False,
         itm_uniform_negatives: float = 0.0,
+        itm_weight: float = 1.0,
     ) -> None:
         super().__init__()
+        self.itm_weight = itm_weight
         if not 0.0 <= itm_uniform_negatives <= 1.0:
             raise ValueError(f"itm_uniform_negatives must be in [0, 1], got {itm_uniform_negatives}")
         self.itc_online_batch = itc_online_batch
@@ -203,7 +206,7 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         alpha: float = 0.0,
     ) -> ALBEFRetrievalOutput:
         out = self.itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
-        return ALBEFRetrievalOutput(out.loss_itc + out.loss_itm, out.loss_itc, out.loss_itm)
+        return ALBEFRetrievalOutput(out.loss_itc + self.itm_weight * out.loss_itm, out.loss_itc, out.loss_itm)
 
     def itc_itm_losses(
         self,
@@ -320,6 +323,7 @@ def albef_model_for_retrieval(
     drop_path_rate: float = 0.0,
     itc_online_batch: bool = False,
     itm_uniform_negatives: float = 0.0,
+    itm_weight: float = 1.0,
 ) -> ALBEFForRetrieval:
     """Builds ALBEF for image-text retrieval.
 
@@ -347,6 +351,8 @@ def albef_model_for_retrieval(
             :func:`~torchmm_ext.modules.losses.sample_hard_negatives`. For training from
             scratch, where ITC sharpens before ITM learns and similarity sampling then shows
             the ITM head only the nearest candidate.
+        itm_weight (float): weight of the ITM loss in ``loss`` (ALBEF: 1, an unweighted sum;
+            ``loss_itm`` itself is reported unweighted).
 
     Returns:
         ALBEFForRetrieval
@@ -370,4 +376,5 @@ def albef_model_for_retrieval(
         temp=temp,
         itc_online_batch=itc_online_batch,
         itm_uniform_negatives=itm_uniform_negatives,
+        itm_weight=itm_weight,
     )

@@ -123,8 +123,7 @@ class ALBEFForPretraining(ALBEFForRetrieval):
     ) -> ALBEFPretrainingOutput:
         # One EMA step (itc_itm_losses' own is nested in it) for both momentum forward passes:
         # under autocast the momentum text encoder then runs twice on one set of bf16 shadows.
-        # The online modules' bf16 weight copies (under autocast) likewise serve both passes.
-        with self.momentum_step(forward=self._needs_momentum_features(alpha)), self._online_weight_copies():
+        with self.momentum_step(forward=self._needs_momentum_features(alpha)):
             itc_itm = self.itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
 
             masked = mask_tokens(input_ids, self.vocab_size, self.mask_token_id, self.pad_token_id,

@@ -7,7 +7,6 @@ can be overridden by keyword.
 """
 
 import copy
-from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,7 +19,6 @@ from torchmultimodal.utils.common import remove_grad
 from torchmm_ext.models.albef._common import ALBEFBlockGroupsMixin, _albef_encoders, ImageEncoding, preset_sizes, TextEncoding
 from torchmm_ext.modules.losses import contrastive_targets, itm_labels, sample_hard_negatives
 from torchmm_ext.modules.momentum import FeatureQueue, MomentumCopiesMixin
-from torchmm_ext.modules.precision import autocast_weight_copies
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
 from torchmm_ext.modules.vision_transformer import VisionTransformer
 
@@ -137,19 +135,6 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
 
     # The text CLS guides the ViT (ELIP): apply_token_pruning accepts guidance_weight > 0.
     passes_vision_guidance = True
-    #: Under autocast, the training forward runs the online modules on low-precision copies of
-    #: their linear / conv weights written into buffers kept across steps
-    #: (:func:`~torchmm_ext.modules.precision.autocast_weight_copies`): the same outputs and
-    #: gradients, without autocast's per-step allocations. False lets autocast cast at use.
-    online_weight_copies: bool = True
-
-    def _online_weight_copies(self) -> AbstractContextManager:
-        """The block in which the training forward's online modules (every child but the
-        momentum copies) use :attr:`online_weight_copies`."""
-        if not self.online_weight_copies:
-            return nullcontext()
-        copies = {id(m) for m in self._momentum_pairs()[1]}
-        return autocast_weight_copies(self, [m for m in self.children() if id(m) not in copies])
 
     def _momentum_pairs(self) -> tuple[list[nn.Module], list[nn.Module]]:
         online = [self.vision_encoder, self.text_encoder, self.vision_proj, self.text_proj]
@@ -239,20 +224,6 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         Returns:
             ITCITMOutput
         """
-        # The EMA step first (it reads the fp32 online weights; the forward does not change
-        # them), then the forward, the online modules on their weight copies under autocast and
-        # the momentum copies on their shadows.
-        with self.momentum_step(forward=self._needs_momentum_features(alpha)), self._online_weight_copies():
-            return self._itc_itm_losses(image, input_ids, attention_mask, idx, alpha)
-
-    def _itc_itm_losses(
-        self,
-        image: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        idx: Optional[Tensor],
-        alpha: float,
-    ) -> ITCITMOutput:
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
         batch_size = image.size(0)
@@ -273,22 +244,25 @@ class ALBEFForRetrieval(ALBEFBlockGroupsMixin, MomentumCopiesMixin, nn.Module):
         # reward collapsing every feature onto one direction.
         empty = (idx_all == self.queue.empty_idx).view(1, -1)
         image_m = sim_i2t_m = sim_t2i_m = None
-        if self._needs_momentum_features(alpha):
-            with torch.no_grad():
-                text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
-                text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
-                # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every
-                # token unless token pruning was applied with prune_momentum=True.
-                image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
-                image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
-                # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
-                image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
-                text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
-                with torch.autocast(image.device.type, enabled=False):  # fp32, see below
-                    sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
-                    sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
-        else:
-            image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
+        # The EMA step; the momentum forward passes run inside it (on low-precision shadows
+        # of the momentum weights under autocast).
+        with self.momentum_step(forward=self._needs_momentum_features(alpha)):
+            if self._needs_momentum_features(alpha):
+                with torch.no_grad():
+                    text_m = self.text_encoder_m(input_ids, attention_mask=attention_mask.bool()).last_hidden_state
+                    text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0]), dim=-1).float()
+                    # As ELIP: the momentum text CLS guides the momentum ViT, which keeps every
+                    # token unless token pruning was applied with prune_momentum=True.
+                    image_m = self.vision_encoder_m(image, guidance=text_m[:, 0]).last_hidden_state
+                    image_feat_m = F.normalize(self.vision_proj_m(image_m[:, 0]), dim=-1).float()
+                    # torch.cat copies the queues, so the in-place enqueue below cannot alter these.
+                    image_feat_all = torch.cat([image_feat_m.T, self.queue.image_queue], dim=1)
+                    text_feat_all = torch.cat([text_feat_m.T, self.queue.text_queue], dim=1)
+                    with torch.autocast(image.device.type, enabled=False):  # fp32, see below
+                        sim_i2t_m = (image_feat_m @ text_feat_all / self.temp).masked_fill(empty, _MASKED)
+                        sim_t2i_m = (text_feat_m @ image_feat_all / self.temp).masked_fill(empty, _MASKED)
+            else:
+                image_feat_all, text_feat_all = self.queue.image_queue, self.queue.text_queue  # [E, 0]
         # Similarities in fp32: a bf16 softmax over 65k queue entries loses the targets. Autocast
         # is off for them (it would run the products in bf16); that is also faster: the
         # [E, B + Q] feature matrices are not re-cast to bf16 at each use (GEMMs of B rows).

@@ -53,7 +53,7 @@ def test_grouped_training_fusion_equals_gathered_with_gradients(monkeypatch, cls
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_grouping_keeps_the_gathered_path_with_an_image_mask_or_probabilities(monkeypatch):
+def test_grouping_keeps_the_gathered_path_with_an_image_mask_probabilities_or_compiled_layers(monkeypatch):
     torch.manual_seed(0)
     fusion = ALBEFFusionEncoder(width=32, image_width=24, num_layers=2, num_heads=4, ffn_dim=64).eval()
     images, text = torch.randn(2, 10, 24), torch.randn(4, 6, 32)
@@ -63,6 +63,12 @@ def test_grouping_keeps_the_gathered_path_with_an_image_mask_or_probabilities(mo
     fusion(text, mask, images, image_index=index, image_attention_mask=torch.ones(2, 10, dtype=torch.long))
     out = fusion(text, mask, images, image_index=index, return_cross_attention_layer=1)
     assert not calls and out.cross_attention.shape == (4, 4, 6, 10)
+    index = torch.tensor([1, 0, 1, 1])  # runs of 1 and 3 pairs: one call per image
+    fusion(text, mask, images, image_index=index)
+    assert calls == [2, 2]  # grouped without mask or probabilities...
+    fusion.layer[0].compile(backend="eager")  # ...but not with compiled layers (train.compile)
+    fusion(text, mask, images, image_index=index)
+    assert calls == [2, 2]
 
 
 def _batch(batch: int = 4, length: int = 7):

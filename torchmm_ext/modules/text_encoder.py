@@ -553,7 +553,11 @@ class ALBEFFusionEncoder(nn.Module):
         hidden_states: List[Tensor] = []
         order = image_runs = None
         if (image_index is not None and image_mask is None and self.group_pairs
-                and return_cross_attention_layer is None and not return_hidden_states):
+                and return_cross_attention_layer is None and not return_hidden_states
+                # compiled layers (train.compile) keep the gathered path: each new pattern of
+                # runs would recompile them
+                and not torch.compiler.is_compiling()
+                and not any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layer)):
             order, image_runs = _group_by_image(image_index, image_embeddings.size(0))
         if (
             image_runs is not None and order is None and 0 not in image_runs

@@ -56,7 +56,7 @@ def main() -> int:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(out.loss)
+        return float(out.loss.detach())
 
     step(False), step(True)  # warm-up
     walls = {False: [], True: []}

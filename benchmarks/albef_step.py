@@ -265,6 +265,9 @@ OURS_ABLATIONS: Dict[str, tuple] = {
     # the CPU flash kernel's backward in bf16, as before torchmm_ext.modules.attention ran it
     # in fp32 for bf16 training
     "attn-bwd-bf16": ("train", {}, lambda: _attention_backward_in_fp32(False)),
+    # ITM's cross-attention with the keys/values gathered per pair, as before the pairs were
+    # grouped by image
+    "gathered-itm": ("train", {"fusion_encoder.group_pairs": False}, None),
 }
 
 

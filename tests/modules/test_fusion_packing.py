@@ -32,15 +32,6 @@ def test_pack_text_positions():
     assert pack_text(mask, [1, 3]).image_rows == [2, 6]
 
 
-def test_image_runs_detection():
-    from torchmm_ext.modules.text_encoder import _image_runs
-
-    assert _image_runs(torch.tensor([0, 0, 0, 1, 2, 2]), 3) == [3, 1, 2]
-    assert _image_runs(torch.tensor([0, 2, 2, 1]), 3) is None  # not in order
-    assert _image_runs(torch.tensor([0, 0, 2]), 3) is None  # image 1 unused
-    assert _image_runs(torch.tensor([0, 1, 0]), 2) is None  # image 0 in two runs
-
-
 @pytest.mark.parametrize("low_rank_self_attention,uneven", [(False, False), (True, False), (False, True)])
 def test_packed_itm_states_equal_padded_and_gathered_paths(low_rank_self_attention, uneven):
     fusion = _fusion()

@@ -236,9 +236,12 @@ def test_fusion_grouped_pairs_equal_gathered_images():
         torch.testing.assert_close(grouped, gathered[:, : grouped.size(1)], atol=1e-5, rtol=1e-5)
 
 
-def test_runs_per_image_detection():
-    from torchmm_ext.modules.text_encoder import _runs_per_image
+def test_group_by_image():
+    from torchmm_ext.modules.text_encoder import _group_by_image
 
-    assert _runs_per_image(torch.arange(3).repeat_interleave(4), 3) == 4
-    assert _runs_per_image(torch.tensor([0, 2, 2, 1]), 3) is None
-    assert _runs_per_image(torch.tensor([0, 0, 1]), 2) is None
+    order, runs = _group_by_image(torch.arange(3).repeat_interleave(4), 3)
+    assert order is None and runs == [4, 4, 4]  # already in runs
+    order, runs = _group_by_image(torch.tensor([0, 2, 2, 1, 0]), 3)
+    assert order.tolist() == [0, 4, 3, 1, 2] and runs == [2, 1, 2]  # stable
+    order, runs = _group_by_image(torch.tensor([0, 0, 2]), 4)
+    assert order is None and runs == [2, 0, 1, 0]  # unused images: empty runs

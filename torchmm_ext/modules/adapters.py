@@ -143,13 +143,13 @@ class ParallelAdapterFusionLayer(FusionLayer):
         image_mask: Optional[Tensor] = None,
         return_cross_attention: bool = False,
         first_token_only: bool = False,
-        pairs_per_image: Optional[int] = None,
+        image_runs: Optional[Sequence[int]] = None,
     ) -> Tuple[Tensor, Optional[Tensor]]:
         a0, a1, a2 = self.adapters
         x, attended = self._self_attention_output(x, text_mask, first_token_only)
         x = self.attention_layernorm(x + attended + a0(x))
         cross, probs = self._cross_attention_output(
-            x, image_embeddings, image_index, image_mask, return_cross_attention, pairs_per_image
+            x, image_embeddings, image_index, image_mask, return_cross_attention, image_runs
         )
         x = self.cross_attention_layernorm(x + cross + a1(x))
         x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x))) + a2(x)

@@ -12,7 +12,8 @@ The fusion layers are assembled from the same primitives (``MultiHeadSelfAttenti
 ``MultiHeadAttentionWithCache`` for cross-attention, ``MLP``, ``Fp32LayerNorm``) rather than
 ``ALBEFMultimodalEncoder``, for two reasons: its attention is not SDPA, and ITM scoring of many
 (image, text) pairs that share images is much cheaper when each layer projects an image's
-keys/values once and gathers them per pair (``image_index``), which it cannot do.
+keys/values once and lets the pairs of one image share one attention call against them
+(``image_index``), which it cannot do.
 """
 
 from typing import List, NamedTuple, Optional, Sequence
@@ -145,26 +146,42 @@ def albef_text_encoder(
     return text_encoder
 
 
-def _image_runs(image_index: Tensor, num_images: int) -> Optional[List[int]]:
-    """The run length of each image if ``image_index`` is ``0..0, 1..1, ..., U-1..U-1`` (every
-    image in one run, in order, runs of any length), else ``None``."""
-    if num_images == 0 or image_index.numel() < num_images:
-        return None
+def _group_by_image(image_index: Tensor, num_images: int) -> tuple[Optional[Tensor], List[int]]:
+    """How to put the pairs of each image in one run: ``(order, runs)`` with ``order`` the
+    stable ``argsort`` of ``image_index`` (``None`` when the pairs already come in runs, image
+    by image) and ``runs[u]`` the pairs of image ``u`` (0 for an unused image)."""
     runs = torch.bincount(image_index, minlength=num_images)
-    expected = torch.repeat_interleave(torch.arange(num_images, device=image_index.device), runs)
-    if runs.numel() != num_images or not torch.equal(image_index, expected) or bool((runs == 0).any()):
-        return None
-    return runs.tolist()
+    order = torch.argsort(image_index, stable=True)
+    if torch.equal(order, torch.arange(order.numel(), device=order.device)):
+        order = None
+    return order, runs.tolist()
 
 
-def _runs_per_image(image_index: Tensor, num_images: int) -> Optional[int]:
-    """``k`` if ``image_index == arange(num_images).repeat_interleave(k)``, else ``None``."""
-    pairs = image_index.numel()
-    if num_images == 0 or pairs % num_images:
-        return None
-    k = pairs // num_images
-    expected = torch.arange(num_images, device=image_index.device).repeat_interleave(k)
-    return k if torch.equal(image_index, expected) else None
+def _attend_image_runs(q: Tensor, k: Tensor, v: Tensor, rows: Sequence[int], dropout_p: float = 0.0) -> Tensor:
+    """Cross-attention of query rows that come in runs per image, one SDPA call per image
+    against its keys/values (no per-pair copies of them; image tokens only, so the queries of
+    several texts can share a call without a mask).
+
+    Args:
+        q (Tensor): ``[T, D]`` projected queries, the ``rows[u]`` rows of image ``u`` together,
+            image after image.
+        k (Tensor): ``[U, H, N, D/H]`` keys of the ``U`` images.
+        v (Tensor): ``[U, H, N, D/H]`` values.
+        rows (Sequence[int]): query rows of each image (``U`` ints, 0 for an unused image).
+        dropout_p (float): attention-probability dropout.
+
+    Returns:
+        Tensor: ``[T, D]`` attention outputs (before the output projection).
+    """
+    h, d = k.size(1), q.size(-1)
+    outs = []
+    for u, q_u in enumerate(q.split(list(rows))):
+        if q_u.size(0) == 0:
+            continue
+        q_u = q_u.view(1, -1, h, d // h).transpose(1, 2)  # [1, H, T_u, d/H]
+        out = scaled_dot_product_attention(q_u, k[u : u + 1], v[u : u + 1], None, dropout_p)
+        outs.append(out.transpose(1, 2).reshape(-1, d))
+    return torch.cat(outs)
 
 
 class TextPacking(NamedTuple):
@@ -267,32 +284,33 @@ class FusionLayer(nn.Module):
         image_embeddings: Tensor,
         image_index: Optional[Tensor],
         image_mask: Optional[Tensor],
-        pairs_per_image: Optional[int],
+        image_runs: Optional[Sequence[int]],
     ) -> Tensor:
         attn = self.cross_attention
         b, length, d = x.shape
         h = attn.num_heads
-        q = attn.q_proj(x).view(b, length, h, d // h).transpose(1, 2)  # [P, H, L, d/H]
+        q = attn.q_proj(x)
         # Keys/values are projected once per distinct image.
         k = attn.k_proj(image_embeddings)
         v = attn.v_proj(image_embeddings)
         dropout = attn.dropout if self.training else 0.0
-        if pairs_per_image is not None:
+        if image_runs is not None and len(set(image_runs)) == 1:
             # Pairs come in runs of k per image: the queries of a run attend the same keys, so
-            # they form one longer query sequence per image: no per-pair copies of K/V.
-            u, k_pairs = k.size(0), pairs_per_image
-            q = q.reshape(u, k_pairs, h, length, d // h).transpose(1, 2).reshape(u, h, k_pairs * length, d // h)
-            k = k.view(u, -1, h, d // h).transpose(1, 2)
-            v = v.view(u, -1, h, d // h).transpose(1, 2)
-            out = scaled_dot_product_attention(q, k, v, None, dropout)  # [U, H, k*L, d/H]
-            out = out.reshape(u, h, k_pairs, length, d // h).transpose(1, 2).reshape(b, h, length, d // h)
+            # they form one longer query sequence per image, all images in one call.
+            u, k_pairs = k.size(0), image_runs[0]
+            q = q.view(u, k_pairs * length, h, d // h).transpose(1, 2)  # [U, H, k*L, d/H]
+            out = scaled_dot_product_attention(q, _heads(k, h), _heads(v, h), None, dropout)
+            out = out.transpose(1, 2).reshape(b, length, d)
+        elif image_runs is not None:  # runs of unequal length: one call per image
+            out = _attend_image_runs(q.reshape(b * length, d), _heads(k, h), _heads(v, h),
+                                     [r * length for r in image_runs], dropout).view(b, length, d)
         else:
             if image_index is not None:
                 k, v = k[image_index], v[image_index]
-            k = k.view(b, -1, h, d // h).transpose(1, 2)
-            v = v.view(b, -1, h, d // h).transpose(1, 2)
-            out = scaled_dot_product_attention(q, k, v, image_mask, dropout)
-        return attn.output_proj(out.transpose(1, 2).reshape(b, length, d))
+            q = q.view(b, length, h, d // h).transpose(1, 2)  # [P, H, L, d/H]
+            out = scaled_dot_product_attention(q, _heads(k, h), _heads(v, h), image_mask, dropout)
+            out = out.transpose(1, 2).reshape(b, length, d)
+        return attn.output_proj(out)
 
     def _self_attend_first_token(self, x: Tensor, text_mask: Tensor) -> Tensor:
         # Query from the first (CLS) token only; keys/values from every token.
@@ -365,12 +383,8 @@ class FusionLayer(nn.Module):
         q = cross.q_proj(x)
         k = _heads(cross.k_proj(image_embeddings), h)  # [U, H, N, d/H]
         v = _heads(cross.v_proj(image_embeddings), h)
-        outs = []
-        for u, q_u in enumerate(q.split(rows)):
-            q_u = q_u.view(1, -1, h, d // h).transpose(1, 2)  # [1, H, T_u, d/H]
-            out = scaled_dot_product_attention(q_u, k[u : u + 1], v[u : u + 1])
-            outs.append(out.transpose(1, 2).reshape(-1, d))
-        x = self.cross_attention_layernorm(x + cross.output_proj(torch.cat(outs)))
+        out = _attend_image_runs(q, k, v, rows)
+        x = self.cross_attention_layernorm(x + cross.output_proj(out))
         return self.feedforward_layernorm(x + self.feedforward(x))
 
     def forward(
@@ -382,7 +396,7 @@ class FusionLayer(nn.Module):
         image_mask: Optional[Tensor] = None,
         return_cross_attention: bool = False,
         first_token_only: bool = False,
-        pairs_per_image: Optional[int] = None,
+        image_runs: Optional[Sequence[int]] = None,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """
         Inputs:
@@ -396,9 +410,11 @@ class FusionLayer(nn.Module):
                 its probabilities.
             first_token_only (bool): compute the output of the first (CLS) token only
                 (``[P, 1, D]``): exact, and much cheaper, when only the CLS state is used.
-            pairs_per_image (Optional[int]): set when ``image_index`` is
-                ``arange(U).repeat_interleave(k)`` and there is no image mask: the ``k``
-                pairs of an image then share one attention call.
+            image_runs (Optional[Sequence[int]]): set when the pairs come in runs per image
+                (``image_index`` non-decreasing; ``image_runs[u]`` pairs of image ``u``, 0
+                for an unused one) and there is no image mask: the pairs of an image then
+                share one attention call against its keys/values (all images in one call
+                when the runs are equal).
 
         Returns:
             Tuple of the new states ``[P, L, D]`` and the probabilities (or ``None``).
@@ -406,7 +422,7 @@ class FusionLayer(nn.Module):
         x, attended = self._self_attention_output(x, text_mask, first_token_only)
         x = self.attention_layernorm(x + attended)
         cross, probs = self._cross_attention_output(
-            x, image_embeddings, image_index, image_mask, return_cross_attention, pairs_per_image
+            x, image_embeddings, image_index, image_mask, return_cross_attention, image_runs
         )
         x = self.cross_attention_layernorm(x + cross)
         x = self.feedforward_layernorm(x + self.feedforward_dropout(self.feedforward(x)))
@@ -429,7 +445,7 @@ class FusionLayer(nn.Module):
         image_index: Optional[Tensor],
         image_mask: Optional[Tensor],
         return_cross_attention: bool,
-        pairs_per_image: Optional[int],
+        image_runs: Optional[Sequence[int]],
     ) -> tuple[Tensor, Optional[Tensor]]:
         """The cross-attention sub-layer's output after dropout, and its probabilities when
         ``return_cross_attention`` (else ``None``)."""
@@ -438,7 +454,7 @@ class FusionLayer(nn.Module):
             images = image_embeddings if image_index is None else image_embeddings[image_index]
             cross, probs = cross_attention_with_probs(self.cross_attention, x, images, image_mask)
         else:
-            cross = self._cross_attend(x, image_embeddings, image_index, image_mask, pairs_per_image)
+            cross = self._cross_attend(x, image_embeddings, image_index, image_mask, image_runs)
         return self.cross_attention_dropout(cross), probs
 
 
@@ -474,7 +490,9 @@ class ALBEFFusionEncoder(nn.Module):
             is then ``[P, 1, D]``); what ITM scoring needs, at a fraction of the cost. In eval
             mode with the pairs of each image in one run (``image_index`` non-decreasing, every
             image used, e.g. ``arange(U).repeat_interleave(k)``), padded texts are then packed
-            (:meth:`FusionLayer.forward_packed`): no work on padding tokens.
+            (:meth:`FusionLayer.forward_packed`): no work on padding tokens. Otherwise, with
+            ``image_index`` and no image mask, the pairs are processed grouped by image (see
+            ``group_pairs``) and returned in the given order.
 
     Returns:
         FusionOutput
@@ -498,6 +516,11 @@ class ALBEFFusionEncoder(nn.Module):
         #: tuned one: with little padding there is little to save, and packing adds a scatter
         #: and a gather around each self-attention. 0 turns packing off.
         self.pack_below = 0.9
+        #: With ``image_index`` (and no image mask), reorder the pairs so that those of one
+        #: image come together, each image's keys/values then serving its pairs in one
+        #: attention call (training ITM: positives and hard negatives); the output is in the
+        #: caller's order. False gathers the keys/values per pair (the plain path).
+        self.group_pairs = True
         self.layer = nn.ModuleList(
             FusionLayer(width, image_width, num_heads, ffn_dim, dropout, layer_norm_eps)
             for _ in range(num_layers)
@@ -528,15 +551,20 @@ class ALBEFFusionEncoder(nn.Module):
         x = text_embeddings
         cross_attention = None
         hidden_states: List[Tensor] = []
-        pairs_per_image = image_runs = None
+        order = image_runs = None
+        if (image_index is not None and image_mask is None and self.group_pairs
+                and return_cross_attention_layer is None and not return_hidden_states
+                # compiled layers (train.compile) keep the gathered path: each new pattern of
+                # runs would recompile them
+                and not torch.compiler.is_compiling()
+                and not any(getattr(layer, "_compiled_call_impl", None) is not None for layer in self.layer)):
+            order, image_runs = _group_by_image(image_index, image_embeddings.size(0))
         if (
-            image_index is not None and image_mask is None and cls_only and not self.training
-            and not self.causal and return_cross_attention_layer is None and not return_hidden_states
+            image_runs is not None and order is None and 0 not in image_runs
+            and cls_only and not self.training and not self.causal
             and all(type(layer) is FusionLayer for layer in self.layer)  # no adapters, skips
             and text_attention_mask.sum() <= self.pack_below * text_attention_mask.numel()
         ):
-            image_runs = _image_runs(image_index, image_embeddings.size(0))
-        if image_runs is not None:
             # ITM scoring of padded texts, pairs in runs per image: the token-wise work on the
             # real tokens only.
             packing = pack_text(text_attention_mask, image_runs)
@@ -545,8 +573,8 @@ class ALBEFFusionEncoder(nn.Module):
                 x = layer.forward_packed(x, packing, text_mask, image_embeddings,
                                          first_token_only=i == len(self.layer) - 1)
             return FusionOutput(x.unsqueeze(1))
-        if image_index is not None and image_mask is None:
-            pairs_per_image = _runs_per_image(image_index, image_embeddings.size(0))
+        if order is not None:  # pairs of one image together; the caller's order restored below
+            x, text_mask = x[order], text_mask[order]
         for i, layer in enumerate(self.layer):
             x, probs = layer(
                 x,
@@ -556,10 +584,12 @@ class ALBEFFusionEncoder(nn.Module):
                 image_mask,
                 return_cross_attention=(i == return_cross_attention_layer),
                 first_token_only=cls_only and i == len(self.layer) - 1,
-                pairs_per_image=pairs_per_image,
+                image_runs=image_runs,
             )
             if probs is not None:
                 cross_attention = probs
             if return_hidden_states:
                 hidden_states.append(x)
+        if order is not None:
+            x = x[torch.argsort(order)]
         return FusionOutput(x, cross_attention, hidden_states if return_hidden_states else None)

@@ -137,7 +137,8 @@ def main() -> None:
     image = torch.randn(args.batch_size, *pair, 3, args.image_size, args.image_size, generator=gen).to(device)
     vocab = (1000, 30522) if args.preset == "base" else (5, 512)
     args.vocab = args.vocab_size or (50265 if args.model == "meter" and args.preset == "base" else vocab[1])
-    ids = torch.randint(vocab[0], min(vocab[1], args.vocab), (args.batch_size, args.text_length), generator=gen).to(device)
+    ids = torch.randint(vocab[0], min(vocab[1], args.vocab), (args.batch_size, args.text_length), generator=gen)
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     answers = None
     if args.task == "vqa" and args.model == "albef":

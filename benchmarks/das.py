@@ -16,11 +16,17 @@ the decoder). ``--model vilt`` / ``--model meter``: the VQA classifier model
 (``vilt_model_for_vqa`` / ``meter_model_for_vqa``, ``--answers`` answers: 3,129 published) on images and
 questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
 ``text_fusion`` + ``image_fusion`` co-attention layers, whose flat indices 0-5 / 6-11 ``--config``
-also takes).
+also takes). METER's other tasks: ``--task nlvr`` (``meter_model_for_nlvr`` on image pairs, both
+fusion passes and the NLVR2 head) and ``--task itm`` (``meter_model_for_retrieval``: the rank score
+of each image-text pair, the retrieval evaluation's pass); ``--vision-kind``, ``--text-kind`` and
+``--vocab-size`` build METER as a recipe config's ``model:`` section does (the shapes configs:
+``vit``, ``bert``, the shapes tokenizer's 156 tokens).
 
     python benchmarks/das.py --device cpu
     python benchmarks/das.py --device cuda --batch-size 32 --json das.json
     python benchmarks/das.py --model meter --groups text_fusion image_fusion --max-k 2
+    python benchmarks/das.py --model meter --task nlvr --preset tiny --image-size 64 --patch-size 16 \
+        --vision-kind vit --text-kind bert --vocab-size 156 --config 'image 0=[2]'
 
 Configurations run round-robin (one iteration of each per round, the first ``--warmup`` rounds
 untimed) so that background load on a shared machine hits them alike.
@@ -39,19 +45,30 @@ from torch import nn
 
 from torchmm_ext.engine.flops import flop_counter
 from torchmm_ext.models.albef import albef_model_for_retrieval, albef_model_for_vqa
-from torchmm_ext.models.meter import meter_model_for_vqa, METERForVQA
+from torchmm_ext.models.meter import (
+    meter_model_for_nlvr,
+    meter_model_for_retrieval,
+    meter_model_for_vqa,
+    METERForNLVR,
+    METERForRetrieval,
+    METERForVQA,
+)
 from torchmm_ext.models.vilt import vilt_model_for_vqa, ViltForVQA
 from torchmm_ext.modules.adapters import apply_das
 
 
 #: The DAS block groups of each backbone (the published candidates for ViLT and METER).
 DAS_GROUPS = {"albef": None, "vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
+#: The timed passes of each backbone (the first is the default).
+TASKS = {"albef": ["itm", "vqa"], "vilt": ["vqa"], "meter": ["vqa", "nlvr", "itm"]}
 
 
 def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    answers: Any = None, k_test: int = 0) -> torch.Tensor:
-    if isinstance(model, (ViltForVQA, METERForVQA)):  # the VQA classifier over the answer vocabulary
+    if isinstance(model, (ViltForVQA, METERForVQA, METERForNLVR)):  # VQA answers / NLVR2 true-false
         return model(image, ids, mask).logits
+    if isinstance(model, METERForRetrieval):  # the rank score of each (image, text) pair
+        return model.rank_scores(image, ids, mask)
     if answers is not None:  # VQA: rank the answer list
         return model.rank_answers(image, ids, mask, answers[0], answers[1], k_test)[1]
     image_emb = model.encode_image(image).embeddings
@@ -66,7 +83,11 @@ def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, devic
     if args.model == "vilt":
         model = vilt_model_for_vqa(args.preset, vocab_size=args.vocab, num_answers=args.answers, **sizes)
     elif args.model == "meter":
-        model = meter_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
+        sizes |= dict(vocab_size=args.vocab, vision_kind=args.vision_kind, text_kind=args.text_kind)
+        if args.task == "vqa":
+            model = meter_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
+        else:
+            model = (meter_model_for_nlvr if args.task == "nlvr" else meter_model_for_retrieval)(args.preset, **sizes)
     elif args.task == "vqa":
         model = albef_model_for_vqa(args.preset, distill=False, **sizes)
     else:
@@ -91,25 +112,33 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--preset", default="base", choices=["base", "tiny"])
     parser.add_argument("--model", default="albef", choices=sorted(DAS_GROUPS),
-                        help="albef (--task itm|vqa), or the VQA classifier of vilt / meter")
-    parser.add_argument("--task", default="itm", choices=["itm", "vqa"],
-                        help="itm: encoders + fusion + ITM head; vqa: answer ranking (decoder included)")
+                        help="albef (--task itm|vqa), vilt (VQA classifier) or meter (--task vqa|nlvr|itm)")
+    parser.add_argument("--task", choices=["itm", "vqa", "nlvr"],
+                        help="albef: itm (default; encoders + fusion + ITM head) or vqa (answer ranking, decoder "
+                             "included); meter: vqa (default), nlvr or itm (retrieval rank scores); vilt: vqa")
+    parser.add_argument("--vision-kind", default="clip", help="METER's ViT: clip (published) or vit (ALBEF's)")
+    parser.add_argument("--text-kind", default="roberta", help="METER's text encoder: roberta (published) or bert")
+    parser.add_argument("--vocab-size", type=int,
+                        help="text vocabulary (default: the preset's; the shapes tokenizer has 156 tokens)")
     parser.add_argument("--answers", type=int, default=3128, help="VQA answer-list size")
     parser.add_argument("--k-test", type=int, default=128, help="VQA answers re-scored per question")
     parser.add_argument("--patch-size", type=int)
     parser.add_argument("--config", action="append", default=[], metavar="NAME=SKIP",
                         help="measure these skip lists (JSON {group: [indices]}) instead of the k sweep")
     args = parser.parse_args()
-    if args.model != "albef":  # ViLT / METER: the VQA classifier, over the published DAS candidates
-        args.task = "vqa"
-        if args.groups == parser.get_default("groups"):
-            args.groups = DAS_GROUPS[args.model]
+    args.task = args.task or TASKS[args.model][0]
+    if args.task not in TASKS[args.model]:
+        parser.error(f"--task {args.task} is not measured for --model {args.model}; choose one of {TASKS[args.model]}")
+    if args.model != "albef" and args.groups == parser.get_default("groups"):
+        args.groups = DAS_GROUPS[args.model]  # ViLT / METER: the published DAS candidates
     device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
-    image = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device)
+    pair = (2,) if args.task == "nlvr" else ()  # NLVR2: a left and a right image per sentence
+    image = torch.randn(args.batch_size, *pair, 3, args.image_size, args.image_size, generator=gen).to(device)
     vocab = (1000, 30522) if args.preset == "base" else (5, 512)
-    args.vocab = 50265 if args.model == "meter" and args.preset == "base" else vocab[1]
-    ids = torch.randint(*vocab, (args.batch_size, args.text_length), generator=gen).to(device)
+    args.vocab = args.vocab_size or (50265 if args.model == "meter" and args.preset == "base" else vocab[1])
+    ids = torch.randint(vocab[0], min(vocab[1], args.vocab), (args.batch_size, args.text_length), generator=gen)
+    ids = ids.to(device)
     mask = torch.ones_like(ids)
     answers = None
     if args.task == "vqa" and args.model == "albef":

@@ -44,6 +44,10 @@ class PretrainDataConfig(TaskDataConfig):
     train_files: List[str] = field(default_factory=list)  # ALBEF JSON ({image, caption}) or caption Arrow files
     val_files: List[str] = field(default_factory=list)
     mlm_probability: float = 0.15
+    # Focused masking (off when empty): these words are chosen with mlm_focus_probability instead
+    # of mlm_probability (MLMITMCollator, mask_tokens); each must be one token of the vocabulary.
+    mlm_focus_words: List[str] = field(default_factory=list)
+    mlm_focus_probability: Optional[float] = None
 
 
 @dataclass
@@ -81,7 +85,8 @@ def run_pretrain(
     tokenizer = build_tokenizer(data.tokenizer, corpus_file=corpus)
     model = builder(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **cfg.model)
     train_transform, test_transform = build_transforms(data.image)
-    collate = MLMITMCollator(tokenizer, data.max_tokens, data.mlm_probability)
+    collate = MLMITMCollator(tokenizer, data.max_tokens, data.mlm_probability, data.mlm_focus_words,
+                             data.mlm_focus_probability)
     val_set = CaptionDataset(data.val_files, test_transform, data.image_root or None, data.max_words) if data.val_files else None
 
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)

@@ -61,6 +61,103 @@ def test_masking_is_reproducible_with_a_generator_and_probability_bounds():
     assert torch.equal(every.labels != IGNORE_INDEX, (ids != PAD) & (ids != CLS))
 
 
+FOCUS = (7, 11, 13, 17, 19)
+
+
+def _focus_ids(rows=400, length=64, seed=0):
+    # About a third of the tokens are focus ids, so both groups are large.
+    ids = _ids(rows, length, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    pick = (torch.rand(ids.shape, generator=g) < 0.3) & (ids != PAD) & (ids != CLS)
+    focus = torch.tensor(FOCUS)[torch.randint(len(FOCUS), ids.shape, generator=g)]
+    return torch.where(pick, focus, ids)
+
+
+def test_default_masking_is_the_bert_draw_sequence():
+    # Recomputed from the generator's stream by hand: choose (rand < p on eligible tokens), then
+    # [MASK] (rand < 0.8), then random (rand < 0.5) with a randint id. Focus ids at the same
+    # probability as the others give the same result.
+    ids = _focus_ids(rows=30)
+    out = mask_tokens(ids, VOCAB, MASK, PAD, CLS, 0.15, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    chosen = (torch.rand(ids.shape, generator=g) < 0.15) & (ids != PAD) & (ids != CLS)
+    to_mask = chosen & (torch.rand(ids.shape, generator=g) < 0.8)
+    to_random = chosen & ~to_mask & (torch.rand(ids.shape, generator=g) < 0.5)
+    random_ids = torch.randint(VOCAB, ids.shape, generator=g)
+    expected = torch.where(to_random, random_ids, torch.where(to_mask, torch.full_like(ids, MASK), ids))
+    assert torch.equal(out.input_ids, expected)
+    assert torch.equal(out.labels, torch.where(chosen, ids, torch.full_like(ids, IGNORE_INDEX)))
+    same = mask_tokens(ids, VOCAB, MASK, PAD, CLS, 0.15, generator=torch.Generator().manual_seed(5),
+                       focus_ids=FOCUS, focus_probability=0.15)
+    assert torch.equal(same.input_ids, out.input_ids) and torch.equal(same.labels, out.labels)
+    empty = mask_tokens(ids, VOCAB, MASK, PAD, CLS, 0.15, generator=torch.Generator().manual_seed(5), focus_ids=[])
+    assert torch.equal(empty.labels, out.labels)
+
+
+def test_focused_masking_rates_per_group():
+    ids = _focus_ids()
+    eligible = (ids != PAD) & (ids != CLS)
+    is_focus = torch.isin(ids, torch.tensor(FOCUS))
+    # Restricted to the focus words: exactly those, every one of them at probability 1.
+    only = mask_tokens(ids, VOCAB, MASK, PAD, CLS, 0.0, focus_ids=FOCUS, focus_probability=1.0)
+    assert torch.equal(only.labels != IGNORE_INDEX, is_focus & eligible)
+    assert torch.equal(only.labels[is_focus], ids[is_focus])
+    # A boost: focus tokens at 0.6, the others at 0.15 (5 binomial sd tolerance per group).
+    out = mask_tokens(ids, VOCAB, MASK, PAD, CLS, 0.15, generator=torch.Generator().manual_seed(2),
+                      focus_ids=list(FOCUS), focus_probability=0.6)
+    chosen = out.labels != IGNORE_INDEX
+    assert not (chosen & ~eligible).any()
+    for group, p in ((is_focus & eligible, 0.6), (~is_focus & eligible, 0.15)):
+        n = int(group.sum())
+        assert n > 5_000
+        rate = int((chosen & group).sum()) / n
+        assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / n), (rate, p)
+    # Chosen focus tokens are still 80% [MASK].
+    m = int((chosen & is_focus).sum())
+    frac = int(((out.input_ids == MASK) & chosen & is_focus).sum()) / m
+    assert abs(frac - 0.8) < 5 * math.sqrt(0.16 / m), frac
+
+
+def test_focused_masking_bad_settings():
+    ids = _ids(rows=2)
+    with pytest.raises(ValueError, match="focus_ids given without focus_probability"):
+        mask_tokens(ids, VOCAB, MASK, PAD, CLS, focus_ids=FOCUS)
+    with pytest.raises(ValueError, match=r"focus_probability must be in \[0, 1\], got 1.5"):
+        mask_tokens(ids, VOCAB, MASK, PAD, CLS, focus_ids=FOCUS, focus_probability=1.5)
+
+
+def _word_tokenizer(tmp_path):
+    from torchmm_ext.data.tokenizer import build_tokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "circle", "star", "and", "tri", "##angle"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    return build_tokenizer(str(tmp_path))
+
+
+def test_collator_masks_only_the_focus_words(tmp_path):
+    from torchmm_ext.data.vl_tasks import MLMITMCollator
+
+    tok = _word_tokenizer(tmp_path)
+    samples = [(torch.zeros(3, 8, 8), "a red circle and a blue star"), (torch.ones(3, 8, 8), "a blue circle")] * 8
+    torch.manual_seed(0)
+    batch = MLMITMCollator(tok, mlm_probability=0.0, mlm_focus_words=["Red", "blue"], mlm_focus_probability=1.0)(samples)
+    colour_ids = torch.tensor(tok.convert_tokens_to_ids(["red", "blue"]))
+    is_colour = torch.isin(batch["input_ids"], colour_ids)
+    assert is_colour.sum() == 8 * 3
+    assert torch.equal(batch["mlm_labels"] != IGNORE_INDEX, is_colour)
+    torch.manual_seed(0)
+    plain = MLMITMCollator(tok, mlm_probability=0.5)(samples)
+    torch.manual_seed(0)
+    same = MLMITMCollator(tok, mlm_probability=0.5, mlm_focus_words=["red"], mlm_focus_probability=0.5)(samples)
+    assert torch.equal(plain["mlm_labels"], same["mlm_labels"]) and torch.equal(plain["itm_labels"], same["itm_labels"])
+    with pytest.raises(ValueError, match=r"'triangle' is not one token .*'tri', '##angle'"):
+        MLMITMCollator(tok, mlm_focus_words=["triangle"], mlm_focus_probability=0.5)
+    with pytest.raises(ValueError, match=r"'green' is not one token"):
+        MLMITMCollator(tok, mlm_focus_words=["green"], mlm_focus_probability=0.5)
+    with pytest.raises(ValueError, match="mlm_focus_probability is not"):
+        MLMITMCollator(tok, mlm_focus_words=["red"])
+
+
 def test_mlm_loss_by_hand():
     # Two sequences of three positions; positions (0, 1) and (1, 2) are predicted.
     logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [5.0, 0.0, 0.0]],

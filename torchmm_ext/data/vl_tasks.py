@@ -683,6 +683,16 @@ class ImagesCollator:
         return {"images": images, "pixel_mask": pixel_mask, "index": torch.tensor([s[1] for s in batch])}
 
 
+def _single_token_id(tokenizer: Any, word: str) -> int:
+    # Masking is per token: a word split into pieces could be completed from its other pieces.
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"data.mlm_focus_words: {word!r} is not one token of the vocabulary (tokens {pieces}); "
+                         "focused masking takes single-token words")
+    return int(ids[0])
+
+
 class MLMITMCollator:
     """Batch :class:`CaptionDataset` samples for MLM + ITM pre-training.
 
@@ -691,13 +701,37 @@ class MLMITMCollator:
     (ViLT draws a random false image from the dataset; within the batch is the same draw
     without the extra decoding).
 
+    Args:
+        tokenizer (Any): a Hugging Face tokenizer.
+        max_length (int): text length after tokenisation.
+        mlm_probability (float): chance that a token is chosen for MLM.
+        mlm_focus_words (Sequence[str]): words chosen with ``mlm_focus_probability`` instead
+            (focused masking, see :func:`~torchmm_ext.modules.mlm.mask_tokens`); each must be one
+            token of the vocabulary. Empty (default): plain BERT masking.
+        mlm_focus_probability (Optional[float]): chance that a focus word is chosen.
+
     Returns (``__call__``):
         Dict: ``images``, ``pixel_mask``, ``input_ids``, ``attention_mask``, ``mlm_input_ids``,
         ``mlm_labels``, ``itm_images``, ``itm_pixel_mask``, ``itm_labels`` (1 = own image).
+
+    Raises:
+        ValueError: a focus word that is not exactly one known token, or focus words without
+            ``mlm_focus_probability``.
     """
 
-    def __init__(self, tokenizer: Any, max_length: int = 40, mlm_probability: float = 0.15) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 40,
+        mlm_probability: float = 0.15,
+        mlm_focus_words: Sequence[str] = (),
+        mlm_focus_probability: Optional[float] = None,
+    ) -> None:
         self.tokenizer, self.max_length, self.mlm_probability = tokenizer, max_length, mlm_probability
+        if mlm_focus_words and mlm_focus_probability is None:
+            raise ValueError("data.mlm_focus_words is set but data.mlm_focus_probability is not")
+        self.mlm_focus_probability = mlm_focus_probability
+        self.mlm_focus_ids = [_single_token_id(tokenizer, w) for w in mlm_focus_words]
 
     def __call__(self, batch: Sequence[Tuple[Tensor, str]]) -> Dict[str, Tensor]:
         images, pixel_mask = pad_images([s[0] for s in batch])
@@ -706,7 +740,8 @@ class MLMITMCollator:
         input_ids = tokens["input_ids"].long()
         tok = self.tokenizer
         masked = mask_tokens(input_ids, len(tok), tok.mask_token_id, tok.pad_token_id, tok.cls_token_id,
-                             self.mlm_probability)
+                             self.mlm_probability, focus_ids=self.mlm_focus_ids,
+                             focus_probability=self.mlm_focus_probability)
         b = len(batch)
         swap = torch.rand(b) < 0.5 if b > 1 else torch.zeros(1, dtype=torch.bool)
         source = torch.arange(b)

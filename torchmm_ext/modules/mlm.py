@@ -5,7 +5,7 @@ The prediction head itself is torchmultimodal's ``MaskedPredictionHead`` (see
 :func:`bert_mlm_head`).
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,13 @@ class MaskedTokens(NamedTuple):
     labels: Tensor
 
 
-def _bernoulli(shape: torch.Size, p: float, device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
-    # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
+def _bernoulli(
+    shape: torch.Size, p: Union[float, Tensor], device: torch.device, generator: Optional[torch.Generator]
+) -> Tensor:
+    # Draw on the generator's device (a CPU generator cannot fill a CUDA tensor), then move;
+    # ``p`` is one probability or one per position (on ``device``).
     draw_device = generator.device if generator is not None else device
-    return (torch.rand(shape, generator=generator, device=draw_device) < p).to(device)
+    return torch.rand(shape, generator=generator, device=draw_device).to(device) < p
 
 
 def mask_tokens(
@@ -42,10 +45,20 @@ def mask_tokens(
     cls_token_id: int,
     probability: float = 0.15,
     generator: Optional[torch.Generator] = None,
+    focus_ids: Optional[Sequence[int]] = None,
+    focus_probability: Optional[float] = None,
 ) -> MaskedTokens:
     """BERT masking, as ALBEF's pre-training ``mask``: each token except [PAD] and [CLS] is chosen
     with ``probability``; a chosen token becomes [MASK] with probability 0.8, a uniformly random
     id with 0.1, and stays unchanged with 0.1. ([SEP] can be chosen, as in ALBEF.)
+
+    Focused masking (off by default): tokens whose id is in ``focus_ids`` are chosen with
+    ``focus_probability`` instead of ``probability``. A boost (``focus_probability >
+    probability``) makes MLM predict those tokens more often; ``probability=0`` restricts it to
+    them. Aimed at the words only the image can tell (in the shapes world its colours, shapes,
+    sizes and positions), it is the analogue of ViLT's whole-word masking, which stops MLM from
+    completing a word from text alone. The same random draws are used either way, so with the
+    same generator the positions differ only where a focus token's probability does.
 
     Args:
         input_ids (Tensor): ``[B, L]`` token ids (not modified).
@@ -55,12 +68,29 @@ def mask_tokens(
         cls_token_id (int): id of [CLS] (never chosen).
         probability (float): chance that a token is chosen (0.15).
         generator (Optional[torch.Generator]): random source; the global one when None.
+        focus_ids (Optional[Sequence[int]]): ids chosen with ``focus_probability`` instead;
+            None or empty: plain BERT masking.
+        focus_probability (Optional[float]): chance that a focus token is chosen (needed with
+            ``focus_ids``).
 
     Returns:
         MaskedTokens
+
+    Raises:
+        ValueError: a probability outside [0, 1], or ``focus_ids`` without ``focus_probability``.
     """
     shape, device = input_ids.shape, input_ids.device
-    chosen = _bernoulli(shape, probability, device, generator)
+    rate: Union[float, Tensor] = probability
+    if focus_ids is not None and len(focus_ids) > 0:
+        if focus_probability is None:
+            raise ValueError("mask_tokens: focus_ids given without focus_probability")
+        if not 0.0 <= focus_probability <= 1.0:
+            raise ValueError(f"mask_tokens: focus_probability must be in [0, 1], got {focus_probability}")
+        focus = torch.isin(input_ids, torch.as_tensor(list(focus_ids), dtype=input_ids.dtype, device=device))
+        rate = torch.where(focus, focus_probability, probability)
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"mask_tokens: probability must be in [0, 1], got {probability}")
+    chosen = _bernoulli(shape, rate, device, generator)
     chosen &= (input_ids != pad_token_id) & (input_ids != cls_token_id)
     labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
     to_mask = chosen & _bernoulli(shape, 0.8, device, generator)

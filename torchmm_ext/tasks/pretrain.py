@@ -1,5 +1,5 @@
-"""MLM + ITM pre-training (ViLT, METER): each step masks 15% of the caption tokens (MLM with the
-caption's own image) and swaps half the images for another one of the batch (ITM). The last
+"""MLM + ITM pre-training (ViLT, METER): each step masks 15% of the caption tokens, or chosen words
+more often (``data.mlm_focus_words``) (MLM with the caption's own image) and swaps half the images for another one of the batch (ITM). The last
 weights go to ``<output_dir>/pretrained.pth`` for the fine-tuning recipes; a val split reports
 ITM and MLM accuracy."""
 
@@ -44,6 +44,10 @@ class PretrainDataConfig(TaskDataConfig):
     train_files: List[str] = field(default_factory=list)  # ALBEF JSON ({image, caption}) or caption Arrow files
     val_files: List[str] = field(default_factory=list)
     mlm_probability: float = 0.15
+    # Focused masking (off when empty): these words are chosen with mlm_focus_probability instead
+    # of mlm_probability (MLMITMCollator, mask_tokens); each must be one token of the vocabulary.
+    mlm_focus_words: List[str] = field(default_factory=list)
+    mlm_focus_probability: Optional[float] = None
 
 
 @dataclass
@@ -81,7 +85,8 @@ def run_pretrain(
     tokenizer = build_tokenizer(data.tokenizer, corpus_file=corpus)
     model = builder(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **cfg.model)
     train_transform, test_transform = build_transforms(data.image)
-    collate = MLMITMCollator(tokenizer, data.max_tokens, data.mlm_probability)
+    collate = MLMITMCollator(tokenizer, data.max_tokens, data.mlm_probability, data.mlm_focus_words,
+                             data.mlm_focus_probability)
     val_set = CaptionDataset(data.val_files, test_transform, data.image_root or None, data.max_words) if data.val_files else None
 
     checkpoint = resolve_checkpoint(args.checkpoint, cfg.init)

@@ -48,6 +48,20 @@ SMALL_ALBEF = dict(image_size=32, patch_size=8, vision_width=48, vision_depth=2,
                    vision_mlp_dim=96, text_width=48, text_layers=1, fusion_layers=2, text_heads=2,
                    text_ffn_dim=96, vocab_size=64, embed_dim=16)
 
+def small_albef_batch(batch: int = 4, length: int = 7):
+    """Images ``[B, 3, 32, 32]``, ids and a 1/0 mask ``[B, L]`` with two padded captions, for
+    :data:`SMALL_ALBEF` models (fixed seed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(batch, 3, 32, 32, generator=gen)
+    ids = torch.randint(5, 64, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 5:] = 0
+    return image, ids.masked_fill(mask == 0, 0), mask
+
+
 TINY_ENCODER_OPTS = ["model.vision_width=64", "model.vision_heads=2", "model.vision_mlp_dim=128",
                      "model.text_width=64", "model.text_heads=2", "model.text_ffn_dim=128"]
 

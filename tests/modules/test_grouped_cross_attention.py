@@ -10,7 +10,7 @@ import torch
 from torchmm_ext.models.albef import albef_model_for_retrieval
 from torchmm_ext.modules import text_encoder as text_encoder_module
 from torchmm_ext.modules.text_encoder import ALBEFFusionEncoder
-from testing_utils import SMALL_ALBEF
+from testing_utils import SMALL_ALBEF, small_albef_batch
 
 
 def _count_grouped_calls(monkeypatch) -> list:
@@ -71,16 +71,6 @@ def test_grouping_keeps_the_gathered_path_with_an_image_mask_probabilities_or_co
     assert calls == [2, 2]
 
 
-def _batch(batch: int = 4, length: int = 7):
-    gen = torch.Generator().manual_seed(1)
-    image = torch.randn(batch, 3, 32, 32, generator=gen)
-    ids = torch.randint(5, 64, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[3, 5:] = 0
-    return image, ids.masked_fill(mask == 0, 0), mask
-
-
 def test_retrieval_training_losses_and_gradients_equal_the_gathered_path(monkeypatch):
     torch.manual_seed(0)
     model = albef_model_for_retrieval("tiny", queue_size=8, dropout=0.0, **SMALL_ALBEF)
@@ -90,7 +80,7 @@ def test_retrieval_training_losses_and_gradients_equal_the_gathered_path(monkeyp
                 p.add_(0.05 * torch.randn_like(p))
     plain = copy.deepcopy(model)
     plain.fusion_encoder.group_pairs = False
-    image, ids, mask = _batch()
+    image, ids, mask = small_albef_batch()
     calls = _count_grouped_calls(monkeypatch)
     results = []
     for m in (model, plain):

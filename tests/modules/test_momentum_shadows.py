@@ -18,7 +18,7 @@ from torchmm_ext.models.albef import (
 )
 from torchmm_ext.modules import momentum as momentum_module
 from torchmm_ext.modules.momentum import momentum_update
-from testing_utils import SMALL_ALBEF
+from testing_utils import SMALL_ALBEF, small_albef_batch
 
 SMALL = SMALL_ALBEF
 
@@ -30,17 +30,6 @@ def _perturb_online(model: nn.Module) -> None:
         for module in online:
             for p in module.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-
-
-def _batch(batch: int = 4, length: int = 7):
-    gen = torch.Generator().manual_seed(1)
-    image = torch.randn(batch, 3, 32, 32, generator=gen)
-    ids = torch.randint(5, 64, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[1, 4:] = 0
-    mask[3, 5:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    return image, ids, mask
 
 
 def test_fused_ema_and_cast_is_the_plain_ema_bit_for_bit(monkeypatch):
@@ -84,7 +73,7 @@ def test_bf16_training_forward_with_shadows_equals_plain_autocast(task):
     _perturb_online(model)
     shadowed, plain = model, copy.deepcopy(model)
     plain.momentum_shadows = False
-    image, ids, mask = _batch()
+    image, ids, mask = small_albef_batch()
     copies_before = [copy.deepcopy(m) for m in shadowed._momentum_pairs()[1]]
     originals = [p for m in shadowed._momentum_pairs()[1] for p in m.parameters()]
 
@@ -138,7 +127,7 @@ def test_fp32_training_forward_is_unchanged_by_the_switch():
     _perturb_online(model)
     plain = copy.deepcopy(model)
     plain.momentum_shadows = False
-    image, ids, mask = _batch()
+    image, ids, mask = small_albef_batch()
     outs = []
     for m in (model, plain):
         torch.manual_seed(3)
@@ -155,7 +144,7 @@ def test_no_shadows_when_no_momentum_feature_is_read():
     model = albef_model_for_retrieval("tiny", queue_size=0, itc_online_batch=True, **SMALL)
     _perturb_online(model)
     before = [p.clone() for m in model._momentum_pairs()[1] for p in m.parameters()]
-    image, ids, mask = _batch()
+    image, ids, mask = small_albef_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(image, ids, mask, torch.tensor([0, 1, 2, 3]), alpha=0.0)
     assert not getattr(model, "_momentum_shadow_cache", {})

@@ -1,7 +1,8 @@
-"""MLM + ITM pre-training (ViLT, METER): each step masks 15% of the caption tokens, or chosen words
-more often (``data.mlm_focus_words``) (MLM with the caption's own image) and swaps half the images for another one of the batch (ITM). The last
-weights go to ``<output_dir>/pretrained.pth`` for the fine-tuning recipes; a val split reports
-ITM and MLM accuracy."""
+"""MLM + ITM pre-training (ViLT, METER). Each step masks 15% of the caption tokens, or chosen
+words more often (``data.mlm_focus_words``), for MLM with the caption's own image, and swaps half
+the images for another one of the batch for ITM. The last weights go to
+``<output_dir>/pretrained.pth`` for the fine-tuning recipes; a val split reports ITM and MLM
+accuracy."""
 
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -26,6 +26,10 @@ SMALL = [*TINY_ENCODER_OPTS, "init.checkpoint=", "train.batch_size=8", "eval.bat
 VQA = [*SMALL, "eval.k_test=5"]
 
 
+#: Shapes configs whose 100-step budget keeps its own schedule: ViLT's recipe trains VQA and
+#: NLVR2 at lr 3e-4 for 6-8 epochs, which leaves 100 steps of adapters under-trained (README, DAS).
+OWN_SCHEDULE = {(family, task): {"lr", "warmup_epochs", "lr_mult"} for family, task in [("vilt", "vqa"), ("vilt", "nlvr")]}
+
 #: The DAS groups of each backbone's configs: ViLT's blocks, METER's co-attention layers (published).
 FAMILY_GROUPS = {"vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
 
@@ -34,15 +38,17 @@ FAMILY_GROUPS = {"vilt": ["transformer"], "meter": ["text_fusion", "image_fusion
 @pytest.mark.parametrize("task", ["vqa", "nlvr", "retrieval"])
 def test_vilt_meter_shapes_configs_are_the_backbone_configs_plus_das(family, task):
     """DAS keeps the backbone's model, data and learning rates (as published), so its shapes
-    configs must follow the backbone's shapes configs; only the step budget differs."""
+    configs must follow the backbone's shapes configs; only the step budget differs (and, for
+    the configs in ``OWN_SCHEDULE``, the schedule measured for that budget)."""
     import yaml
 
     ours = yaml.safe_load((DAS / "configs" / f"{family}_{task}_shapes.yaml").read_text())
     backbone = yaml.safe_load((DAS.parent / family / "configs" / f"{task}_shapes.yaml").read_text())
     assert ours["model"] == backbone["model"] and ours["data"] == backbone["data"]
     budget = {"epochs": 2, "max_steps_per_epoch": 50, "eval_every": 2}
-    assert {k: v for k, v in ours["train"].items() if k not in budget} == \
-        {k: v for k, v in backbone["train"].items() if k not in budget}
+    own = budget.keys() | OWN_SCHEDULE.get((family, task), set())
+    assert {k: v for k, v in ours["train"].items() if k not in own} == \
+        {k: v for k, v in backbone["train"].items() if k not in own}
     assert {k: ours["train"][k] for k in budget} == budget
 
 

@@ -16,9 +16,10 @@ the decoder). ``--model vilt`` / ``--model meter``: the VQA classifier model
 (``vilt_model_for_vqa`` / ``meter_model_for_vqa``, ``--answers`` answers: 3,129 published) on images and
 questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
 ``text_fusion`` + ``image_fusion`` co-attention layers, whose flat indices 0-5 / 6-11 ``--config``
-also takes). METER's other tasks: ``--task nlvr`` (``meter_model_for_nlvr`` on image pairs, both
-fusion passes and the NLVR2 head) and ``--task itm`` (``meter_model_for_retrieval``: the rank score
-of each image-text pair, the retrieval evaluation's pass); ``--vision-kind``, ``--text-kind`` and
+also takes). Their other tasks: ``--task nlvr`` (``vilt_model_for_nlvr`` / ``meter_model_for_nlvr``
+on image pairs: ViLT's transformer once per image, METER's two fusion passes, and the NLVR2 head)
+and ``--task itm`` (``vilt_model_for_retrieval`` / ``meter_model_for_retrieval``: the rank score of
+each image-text pair, the retrieval evaluation's pass); ``--vision-kind``, ``--text-kind`` and
 ``--vocab-size`` build METER as a recipe config's ``model:`` section does (the shapes configs:
 ``vit``, ``bert``, the shapes tokenizer's 156 tokens).
 
@@ -53,22 +54,31 @@ from torchmm_ext.models.meter import (
     METERForRetrieval,
     METERForVQA,
 )
-from torchmm_ext.models.vilt import vilt_model_for_vqa, ViltForVQA
+from torchmm_ext.models.vilt import (
+    vilt_model_for_nlvr,
+    vilt_model_for_retrieval,
+    vilt_model_for_vqa,
+    ViltForNLVR,
+    ViltForRetrieval,
+    ViltForVQA,
+)
 from torchmm_ext.modules.adapters import apply_das
 
 
 #: The DAS block groups of each backbone (the published candidates for ViLT and METER).
 DAS_GROUPS = {"albef": None, "vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
 #: The timed passes of each backbone (the first is the default).
-TASKS = {"albef": ["itm", "vqa"], "vilt": ["vqa"], "meter": ["vqa", "nlvr", "itm"]}
+TASKS = {"albef": ["itm", "vqa"], "vilt": ["vqa", "nlvr", "itm"], "meter": ["vqa", "nlvr", "itm"]}
 
 
 def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    answers: Any = None, k_test: int = 0) -> torch.Tensor:
-    if isinstance(model, (ViltForVQA, METERForVQA, METERForNLVR)):  # VQA answers / NLVR2 true-false
+    if isinstance(model, (ViltForVQA, ViltForNLVR, METERForVQA, METERForNLVR)):  # VQA answers / NLVR2 true-false
         return model(image, ids, mask).logits
     if isinstance(model, METERForRetrieval):  # the rank score of each (image, text) pair
         return model.rank_scores(image, ids, mask)
+    if isinstance(model, ViltForRetrieval):  # the rank score of each (image, text) pair
+        return model.score_pairs(model.embed_images(image), ids, mask)
     if answers is not None:  # VQA: rank the answer list
         return model.rank_answers(image, ids, mask, answers[0], answers[1], k_test)[1]
     image_emb = model.encode_image(image).embeddings
@@ -81,7 +91,11 @@ def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, devic
     torch.manual_seed(0)
     sizes = {"image_size": args.image_size} | ({"patch_size": args.patch_size} if args.patch_size else {})
     if args.model == "vilt":
-        model = vilt_model_for_vqa(args.preset, vocab_size=args.vocab, num_answers=args.answers, **sizes)
+        sizes |= dict(vocab_size=args.vocab)
+        if args.task == "vqa":
+            model = vilt_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
+        else:
+            model = (vilt_model_for_nlvr if args.task == "nlvr" else vilt_model_for_retrieval)(args.preset, **sizes)
     elif args.model == "meter":
         sizes |= dict(vocab_size=args.vocab, vision_kind=args.vision_kind, text_kind=args.text_kind)
         if args.task == "vqa":
@@ -112,10 +126,10 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--preset", default="base", choices=["base", "tiny"])
     parser.add_argument("--model", default="albef", choices=sorted(DAS_GROUPS),
-                        help="albef (--task itm|vqa), vilt (VQA classifier) or meter (--task vqa|nlvr|itm)")
+                        help="albef (--task itm|vqa), vilt or meter (--task vqa|nlvr|itm)")
     parser.add_argument("--task", choices=["itm", "vqa", "nlvr"],
                         help="albef: itm (default; encoders + fusion + ITM head) or vqa (answer ranking, decoder "
-                             "included); meter: vqa (default), nlvr or itm (retrieval rank scores); vilt: vqa")
+                             "included); vilt and meter: vqa (default), nlvr or itm (retrieval rank scores)")
     parser.add_argument("--vision-kind", default="clip", help="METER's ViT: clip (published) or vit (ALBEF's)")
     parser.add_argument("--text-kind", default="roberta", help="METER's text encoder: roberta (published) or bert")
     parser.add_argument("--vocab-size", type=int,

@@ -1,4 +1,4 @@
-"""The DAS benchmark's METER passes: what one skipped co-attention layer saves, against a hand count."""
+"""The DAS benchmark's ViLT and METER passes: what one skipped block saves, against a hand count."""
 
 import importlib.util
 import json
@@ -49,8 +49,35 @@ def test_meter_skipped_layer_saves_its_flops(task: str, fusion_passes: int, tmp_
     assert rows["plain METER"]["flops"] < k0
 
 
+def vilt_block_flops(batch: int, tokens: int) -> int:
+    """A ViLT block by hand (width D, MLP FFN): 4 attention projections, QK^T and PV over all
+    tokens (text and image), the two MLP layers; 2 FLOPs per multiply-add."""
+    attention = 4 * 2 * tokens * D * D + 2 * 2 * tokens * tokens * D
+    return batch * (attention + 2 * 2 * tokens * D * FFN)
+
+
+@pytest.mark.parametrize("task, passes", [("nlvr", 2), ("itm", 1), ("vqa", 1)])
+def test_vilt_skipped_block_saves_its_flops(task: str, passes: int, tmp_path, monkeypatch) -> None:
+    batch, text_tokens, image_tokens = 2, 6, 5  # 32 px images of 16 px patches: 4 patches + CLS
+    out = tmp_path / "das.json"
+    monkeypatch.setattr(sys, "argv", [
+        "das.py", "--model", "vilt", "--task", task, "--preset", "tiny", "--image-size", "32", "--patch-size", "16",
+        "--vocab-size", "156", "--answers", "29", "--batch-size", str(batch), "--text-length", str(text_tokens),
+        "--rounds", "1", "--warmup", "0", "--config", "block 0=[0]", "--config", "block 3=[3]", "--json", str(out)])
+    das_benchmark.main()
+    rows = json.loads(out.read_text())["rows"]
+    # The skip adapter (r = 2 x 96) costs what the block's two parallel adapters did, so skipping
+    # a block saves exactly its attention and MLP over text + image tokens, once per image (NLVR2).
+    k0 = rows["DAS k=0"]["flops"]
+    for name in ("block 0", "block 3"):
+        assert k0 - rows[name]["flops"] == passes * vilt_block_flops(batch, text_tokens + image_tokens)
+        # two parallel adapters (LayerNorm, down, up: 6d + 4dr + 2r) against one of width 2r (3d + 4dr + 2r)
+        assert rows["DAS k=0"]["trainable"] - rows[name]["trainable"] == 3 * D
+    assert rows["plain ViLT"]["flops"] < k0
+
+
 def test_task_not_measured_for_the_model_is_an_error(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(sys, "argv", ["das.py", "--model", "vilt", "--task", "nlvr"])
+    monkeypatch.setattr(sys, "argv", ["das.py", "--model", "albef", "--task", "nlvr"])
     with pytest.raises(SystemExit):
         das_benchmark.main()
-    assert "--task nlvr is not measured for --model vilt" in capsys.readouterr().err
+    assert "--task nlvr is not measured for --model albef" in capsys.readouterr().err

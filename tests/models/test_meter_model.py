@@ -5,6 +5,7 @@ whole backbone against METER's ``infer`` re-assembled from those oracles on a st
 METER's layout, and forward/backward of every task model at tiny size."""
 
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -276,14 +277,19 @@ def _meter_layout_state(vision: CLIPVisionModel, text: RobertaModel, layers: int
 
 
 def _meter_infer(state: dict, vision: CLIPVisionModel, text: RobertaModel, layers: int,
-                 images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """METER's ``infer`` + ``vqa_classifier`` re-assembled from the Hugging Face oracles."""
+                 images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                 token4classifier: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """METER's ``infer`` + ``vqa_classifier`` re-assembled from the Hugging Face oracles (with
+    METER-DAS's ``token4classifier`` in place of the first text state when given)."""
     lin = lambda n, t: t @ state[f"{n}.weight"].T + state[f"{n}.bias"]  # noqa: E731
     x = text.embeddings(input_ids=ids)
     for layer in text.encoder.layer:
         x = layer(x, _extended(mask))
         x = x[0] if isinstance(x, tuple) else x
-    x = lin("cross_modal_text_transform", x) + state["token_type_embeddings.weight"][0]
+    x = lin("cross_modal_text_transform", x)
+    if token4classifier is not None:
+        x = torch.cat([token4classifier.repeat(x.shape[0], 1, 1), x[:, 1:]], dim=1)
+    x = x + state["token_type_embeddings.weight"][0]
     y = vision.post_layernorm(vision(pixel_values=images).last_hidden_state)
     y = lin("cross_modal_image_transform", y) + state["token_type_embeddings.weight"][1]
     y_mask = torch.ones(y.shape[:2], dtype=torch.long)
@@ -326,6 +332,36 @@ def test_whole_vqa_model_from_a_meter_layout_state_dict_matches_meter_infer() ->
         expected = _meter_infer(state, vision, text, layers, images, ids, mask)
         got = model(images, ids, mask).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_das_classifier_token_starts_from_the_roberta_embedding_and_replaces_the_first_text_state() -> None:
+    """METER-DAS's ``token4classifier``: ``text_transformer.embeddings([[0]])`` (RoBERTa ``<s>``
+    at position id 2) after the load, put in place of the first mapped text state."""
+    layers = 2
+    vision, text = _clip_oracle(layers=2), _roberta_oracle()
+    state = _meter_layout_state(vision, text, layers, seed=9)
+    model = meter_model_for_vqa("tiny", num_answers=11, image_size=32, vision_width=WIDTH, vision_layers=2,
+                                vision_heads=HEADS, vision_mlp_dim=FFN, text_width=WIDTH, text_layers=2,
+                                text_heads=HEADS, text_ffn_dim=FFN, vocab_size=100, max_position_embeddings=40,
+                                hidden_size=WIDTH, fusion_layers=layers, fusion_heads=HEADS, fusion_ffn_dim=FFN,
+                                pad_token_id=1, dropout=0.0).eval()
+    load_pretrained(model, state)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    ids, mask = _texts()
+    with torch.no_grad():
+        plain = model(images, ids, mask).logits
+        model.add_classifier_token(0)
+        token4classifier = text.embeddings(input_ids=torch.tensor([[0]]))
+        torch.testing.assert_close(model.classifier_token.detach(), token4classifier, atol=1e-6, rtol=1e-6)
+        # a distinct value, so that the check below sees where it goes
+        model.classifier_token.mul_(-2.0)
+        expected = _meter_infer(state, vision, text, layers, images, ids, mask, -2.0 * token4classifier)
+        got = model(images, ids, mask).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - plain).abs().max() > 1e-3
+    assert "classifier_token" in model.state_dict()
+    with pytest.raises(ValueError, match="classifier token id 100 is outside the text vocabulary"):
+        model.add_classifier_token(100)
 
 
 # ---- task models at tiny size ------------------------------------------------------------------

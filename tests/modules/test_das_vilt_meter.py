@@ -6,13 +6,16 @@ from the weights (the unchanged block's own sub-layers plus the adapter equation
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from torchmm_ext.engine import load_config
+from torchmm_ext.engine.efficiency import apply_methods
 from torchmm_ext.models.meter import meter_model_for_vqa
 from torchmm_ext.models.vilt import vilt_model_for_vqa
 from torchmm_ext.modules.adapters import apply_das, BottleneckAdapter, FusionSkipAdapter, SkipAdapter
+from torchmm_ext.modules.efficiency import applied_methods
 from torchmm_ext.modules.text_encoder import padding_mask
 from torchmm_ext.tasks.vqa import ClassifierVQAConfig
 
@@ -139,6 +142,36 @@ def test_meter_co_attention_layers_get_three_parallel_adapters_and_a_288_wide_sk
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith(("text_transform", "image_transform", "vision_encoder.blocks")) for n in with_grad)
+
+
+def test_meter_das_classifier_token_trains_is_recorded_and_reloads_into_a_fresh_model():
+    model = meter_tiny()
+    with torch.no_grad():
+        start = model.text_encoder.eval().embeddings(torch.tensor([[2]]))
+    report = apply_das(model, skip=[1], groups=METER_FUSION, classifier_token=2)
+    torch.testing.assert_close(model.classifier_token.detach(), start)
+    assert "classifier_token" in report.trainable_names and model.classifier_token.requires_grad
+    without = meter_tiny()
+    assert report.trainable_params == apply_das(without, skip=[1], groups=METER_FUSION).trainable_params + model.hidden_size
+
+    images, ids, mask = meter_inputs()
+    model.train()(images, ids, mask, targets=torch.rand(2, 29)).loss.backward()
+    assert model.classifier_token.grad.abs().sum() > 0
+
+    # a checkpoint's record restructures a fresh model (token included) for the weights to load
+    record = applied_methods(model)["das"]
+    assert record["classifier_token"] == 2
+    with torch.no_grad():
+        model.classifier_token.add_(1.0)
+    fresh = meter_tiny()
+    apply_methods(fresh, {"das": record}, restructure_only=True)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(images, ids, mask).logits, model.eval()(images, ids, mask).logits)
+
+    vilt = vilt_model_for_vqa("tiny", vocab_size=100, num_answers=29)
+    with pytest.raises(ValueError, match=r"das.classifier_token=0: ViltForVQA has no classifier token to add"):
+        apply_das(vilt, classifier_token=0)
 
 
 def test_meter_layer_outputs_match_a_hand_computation():

@@ -232,6 +232,9 @@ class METERModel(nn.Module):
         for module in (self.text_transform, self.image_transform, self.modality_embeddings,
                        self.text_fusion, self.image_fusion, self.text_pooler, self.image_pooler):
             init_bert_weights(module)
+        # METER-DAS's trainable classifier token (``token4classifier``): off until
+        # :meth:`add_classifier_token` (``das.classifier_token``) puts it on.
+        self.register_parameter("classifier_token", None)
 
     @property
     def image_size(self) -> int:
@@ -250,6 +253,39 @@ class METERModel(nn.Module):
             "text_fusion": self.text_fusion,
             "image_fusion": self.image_fusion,
         }
+
+    def add_classifier_token(self, token_id: int) -> None:
+        """Add METER-DAS's trainable classifier token (``token4classifier``): a ``[1, 1, D]``
+        parameter that replaces the text's first position after the map to the fusion width,
+        before the modality embedding, in every pass (:meth:`fuse`).
+
+        It starts, as published, from the text embedding of ``token_id`` alone (word, position
+        and token-type embeddings and LayerNorm; METER-DAS: RoBERTa ``<s>``, id 0, at its
+        position 2) of the weights loaded now, so call it after loading. Differences: dropout is
+        off here (the published module is built in train mode, so its start has embedding dropout
+        applied once); when the text width differs from the fusion width (never in METER's
+        presets) the embedding goes through ``text_transform`` first.
+
+        Args:
+            token_id (int): the token whose embedding is the start (METER's RoBERTa: 0; the
+                shapes tokenizer's ``[CLS]``: 2).
+
+        Raises:
+            ValueError: ``token_id`` outside the vocabulary.
+        """
+        embeddings = self.text_encoder.embeddings
+        vocab = embeddings.word_embeddings.num_embeddings
+        if not 0 <= int(token_id) < vocab:
+            raise ValueError(f"classifier token id {token_id} is outside the text vocabulary (0..{vocab - 1})")
+        was_training = embeddings.training
+        embeddings.eval()
+        with torch.no_grad():
+            ids = torch.tensor([[int(token_id)]], device=embeddings.word_embeddings.weight.device)
+            token = embeddings(ids)
+            if token.shape[-1] != self.hidden_size:
+                token = self.text_transform(token)
+        embeddings.train(was_training)
+        self.classifier_token = nn.Parameter(token.detach().clone())
 
     def encode_text(self, text_ids: Tensor, text_mask: Tensor) -> Tensor:
         """RoBERTa states ``[B, L, Dt]`` (before the map to the fusion width)."""
@@ -279,6 +315,8 @@ class METERModel(nn.Module):
             METEROutput
         """
         x = self.text_transform(text_states)
+        if self.classifier_token is not None:
+            x = torch.cat([self.classifier_token.to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1:]], dim=1)
         y = self.image_transform(image_states)
         x = x + self.modality_embeddings.weight[0]
         y = y + self.modality_embeddings.weight[image_token_type]

@@ -447,6 +447,7 @@ def apply_das(
     mirror_momentum: bool = True,
     skip_from: Optional[str] = None,
     search: Optional[Mapping[str, Any]] = None,
+    classifier_token: Optional[int] = None,
 ) -> DASReport:
     """Put DAS on ``model`` (in place): skipped blocks become skip adapters, the other blocks of
     ``groups`` get parallel adapters, and only adapters and heads train.
@@ -473,6 +474,11 @@ def apply_das(
             :class:`~torchmm_ext.modules.das_search.DASSearchConfig` keys (``skip_num``,
             ``groups`` of the candidates, ``das_step``, ``das_turn``, ...). The searcher is
             installed as ``model.das_search``; the recipe's training loop drives it.
+        classifier_token (Optional[int]): METER-DAS's trainable classifier token
+            (``token4classifier``): the id of the token whose embedding starts it (METER's
+            RoBERTa ``<s>``: 0); the model must have ``add_classifier_token``
+            (:meth:`~torchmm_ext.models.meter.METERModel.add_classifier_token`). It trains
+            (``*classifier*``). ``None``: no such token (ALBEF, ViLT, METER without it).
 
     Returns:
         DASReport
@@ -484,7 +490,8 @@ def apply_das(
         TypeError: a block type DAS does not know.
     """
     settings = {"skip": skip, "adapter_dim": adapter_dim, "groups": groups,
-                "trainable": list(trainable), "mirror_momentum": mirror_momentum, "search": search}
+                "trainable": list(trainable), "mirror_momentum": mirror_momentum, "search": search,
+                "classifier_token": classifier_token}
     resolved = resolve_block_groups(model, groups)
     sizes = {name: len(blocks) for name, blocks in resolved.items()}
     if skip_from is not None and skip is not None:
@@ -514,6 +521,13 @@ def apply_das(
             "and adapters there (das.mirror_momentum=true) or the model must be built without "
             "them (model.distill=false)"
         )
+
+    if classifier_token is not None:
+        if not callable(getattr(model, "add_classifier_token", None)):
+            raise ValueError(f"das.classifier_token={classifier_token!r}: {_model_name(model)} has no "
+                             "classifier token to add (METER-DAS's token4classifier; a model needs an "
+                             "add_classifier_token method)")
+        model.add_classifier_token(classifier_token)
 
     frozen_before = {id(p) for p in model.parameters() if not p.requires_grad}
     searchable: Dict[str, List[List[SkippableBlock]]] = {}

@@ -12,7 +12,8 @@ not depend on its position), it reports
 The inference pass (``--model albef``) is what VQA, NLVR2 and ITM re-ranking share: ViT on the
 images, the text encoder on the texts, the fusion encoder on (image, text) pairs and the ITM head
 on the fused CLS, on ``albef_model_for_retrieval("base")`` (``--task vqa``: answer ranking with
-the decoder). ``--model vilt`` / ``--model meter``: the VQA classifier model
+the decoder; ``--task nlvr``: ``albef_model_for_nlvr``'s prediction on image pairs, both images
+through the ViT, the paired fusion layers and the NLVR2 head). ``--model vilt`` / ``--model meter``: the VQA classifier model
 (``vilt_model_for_vqa`` / ``meter_model_for_vqa``, ``--answers`` answers: 3,129 published) on images and
 questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
 ``text_fusion`` + ``image_fusion`` co-attention layers, whose flat indices 0-5 / 6-11 ``--config``
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from torchmm_ext.engine.flops import flop_counter
-from torchmm_ext.models.albef import albef_model_for_retrieval, albef_model_for_vqa
+from torchmm_ext.models.albef import albef_model_for_nlvr, albef_model_for_retrieval, albef_model_for_vqa, ALBEFForNLVR
 from torchmm_ext.models.meter import (
     meter_model_for_nlvr,
     meter_model_for_retrieval,
@@ -67,14 +68,16 @@ from torchmm_ext.modules.adapters import apply_das
 
 #: The DAS block groups of each backbone (the published candidates for ViLT and METER).
 DAS_GROUPS = {"albef": None, "vilt": ["transformer"], "meter": ["text_fusion", "image_fusion"]}
-#: The timed passes of each backbone (the first is the default).
-TASKS = {"albef": ["itm", "vqa"], "vilt": ["vqa", "nlvr", "itm"], "meter": ["vqa", "nlvr", "itm"]}
+#: The timed pass of each backbone when ``--task`` is not given.
+DEFAULT_TASK = {"albef": "itm", "vilt": "vqa", "meter": "vqa"}
 
 
 def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
                    answers: Any = None, k_test: int = 0) -> torch.Tensor:
     if isinstance(model, (ViltForVQA, ViltForNLVR, METERForVQA, METERForNLVR)):  # VQA answers / NLVR2 true-false
         return model(image, ids, mask).logits
+    if isinstance(model, ALBEFForNLVR):  # NLVR2 true-false logits of the online model
+        return model.predict(image, ids, mask)
     if isinstance(model, METERForRetrieval):  # the rank score of each (image, text) pair
         return model.rank_scores(image, ids, mask)
     if isinstance(model, ViltForRetrieval):  # the rank score of each (image, text) pair
@@ -104,6 +107,8 @@ def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, devic
             model = (meter_model_for_nlvr if args.task == "nlvr" else meter_model_for_retrieval)(args.preset, **sizes)
     elif args.task == "vqa":
         model = albef_model_for_vqa(args.preset, distill=False, **sizes)
+    elif args.task == "nlvr":
+        model = albef_model_for_nlvr(args.preset, distill=False, **sizes)
     else:
         model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -126,10 +131,11 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--preset", default="base", choices=["base", "tiny"])
     parser.add_argument("--model", default="albef", choices=sorted(DAS_GROUPS),
-                        help="albef (--task itm|vqa), vilt or meter (--task vqa|nlvr|itm)")
+                        help="albef (--task itm|vqa|nlvr), vilt or meter (--task vqa|nlvr|itm)")
     parser.add_argument("--task", choices=["itm", "vqa", "nlvr"],
-                        help="albef: itm (default; encoders + fusion + ITM head) or vqa (answer ranking, decoder "
-                             "included); vilt and meter: vqa (default), nlvr or itm (retrieval rank scores)")
+                        help="albef: itm (default; encoders + fusion + ITM head), vqa (answer ranking, decoder "
+                             "included) or nlvr (image pairs, paired fusion layers); vilt and meter: vqa (default), "
+                             "nlvr or itm (retrieval rank scores)")
     parser.add_argument("--vision-kind", default="clip", help="METER's ViT: clip (published) or vit (ALBEF's)")
     parser.add_argument("--text-kind", default="roberta", help="METER's text encoder: roberta (published) or bert")
     parser.add_argument("--vocab-size", type=int,
@@ -140,9 +146,7 @@ def main() -> None:
     parser.add_argument("--config", action="append", default=[], metavar="NAME=SKIP",
                         help="measure these skip lists (JSON {group: [indices]}) instead of the k sweep")
     args = parser.parse_args()
-    args.task = args.task or TASKS[args.model][0]
-    if args.task not in TASKS[args.model]:
-        parser.error(f"--task {args.task} is not measured for --model {args.model}; choose one of {TASKS[args.model]}")
+    args.task = args.task or DEFAULT_TASK[args.model]
     if args.model != "albef" and args.groups == parser.get_default("groups"):
         args.groups = DAS_GROUPS[args.model]  # ViLT / METER: the published DAS candidates
     device = torch.device(args.device)
@@ -170,6 +174,8 @@ def main() -> None:
         sizes = {"vision": 12, "text": 6, "fusion": 6} if base else {"vision": 4, "text": 2, "fusion": 2}
         if args.task == "vqa":
             sizes["decoder"] = 6 if base else 2
+        if args.task == "nlvr":  # NLVR2: each fusion layer once per image of the pair
+            sizes["fusion"] *= 2
     for item in args.config:
         name, _, spec = item.rpartition("=")  # names may contain "=" (k=4), JSON specs do not
         configs[name] = dict(skip=json.loads(spec), das=True)

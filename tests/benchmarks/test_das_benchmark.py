@@ -76,8 +76,28 @@ def test_vilt_skipped_block_saves_its_flops(task: str, passes: int, tmp_path, mo
     assert rows["plain ViLT"]["flops"] < k0
 
 
-def test_task_not_measured_for_the_model_is_an_error(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(sys, "argv", ["das.py", "--model", "albef", "--task", "nlvr"])
-    with pytest.raises(SystemExit):
-        das_benchmark.main()
-    assert "--task nlvr is not measured for --model albef" in capsys.readouterr().err
+def albef_fusion_layer_flops(batch: int, queries: int, keys: int, width: int, ffn: int) -> int:
+    """An ALBEF fusion layer by hand: self-attention over the text, cross-attention to one
+    image's tokens, feed-forward (as :func:`fusion_layer_flops`, at ALBEF's sizes)."""
+    self_attention = 4 * 2 * queries * width * width + 2 * 2 * queries * queries * width
+    cross_attention = 2 * 2 * queries * width * width + 2 * 2 * keys * width * width + 2 * 2 * queries * keys * width
+    return batch * (self_attention + cross_attention + 2 * 2 * queries * width * ffn)
+
+
+def test_albef_nlvr_skipped_fusion_layer_saves_its_flops(tmp_path, monkeypatch) -> None:
+    batch, text_tokens, image_tokens = 2, 6, 5  # 32 px images of 16 px patches: 4 patches + CLS
+    out = tmp_path / "das.json"
+    monkeypatch.setattr(sys, "argv", [
+        "das.py", "--model", "albef", "--task", "nlvr", "--preset", "tiny", "--image-size", "32", "--patch-size", "16",
+        "--vocab-size", "156", "--batch-size", str(batch), "--text-length", str(text_tokens), "--rounds", "1",
+        "--warmup", "0", "--config", "fusion 0={\"fusion\": [0]}", "--config", "fusion 1={\"fusion\": [1]}",
+        "--json", str(out)])
+    das_benchmark.main()
+    rows = json.loads(out.read_text())["rows"]
+    # Fusion layers 0 and 1 (the first pair) attend image 0 and image 1 over every text token;
+    # each one's skip adapter (3 x 96) costs what its three parallel adapters did.
+    k0 = rows["DAS k=0"]["flops"]
+    for name in ("fusion 0", "fusion 1"):
+        assert k0 - rows[name]["flops"] == albef_fusion_layer_flops(batch, text_tokens, image_tokens, D, FFN)
+        assert rows["DAS k=0"]["trainable"] - rows[name]["trainable"] == 6 * D
+    assert rows["plain ALBEF"]["flops"] < k0

@@ -309,15 +309,20 @@ def _meter_infer(state: dict, vision: CLIPVisionModel, text: RobertaModel, layer
     return lin("vqa_classifier.3", F.gelu(h))
 
 
+def _oracle_sized_vqa_model(layers: int):
+    """A METER VQA model of the oracles' sizes (11 answers, no dropout), in eval mode."""
+    return meter_model_for_vqa("tiny", num_answers=11, image_size=32, vision_width=WIDTH, vision_layers=2,
+                               vision_heads=HEADS, vision_mlp_dim=FFN, text_width=WIDTH, text_layers=2,
+                               text_heads=HEADS, text_ffn_dim=FFN, vocab_size=100, max_position_embeddings=40,
+                               hidden_size=WIDTH, fusion_layers=layers, fusion_heads=HEADS, fusion_ffn_dim=FFN,
+                               pad_token_id=1, dropout=0.0).eval()
+
+
 def test_whole_vqa_model_from_a_meter_layout_state_dict_matches_meter_infer() -> None:
     layers = 2
     vision, text = _clip_oracle(layers=2), _roberta_oracle()
     state = _meter_layout_state(vision, text, layers, seed=9)
-    model = meter_model_for_vqa("tiny", num_answers=11, image_size=32, vision_width=WIDTH, vision_layers=2,
-                                vision_heads=HEADS, vision_mlp_dim=FFN, text_width=WIDTH, text_layers=2,
-                                text_heads=HEADS, text_ffn_dim=FFN, vocab_size=100, max_position_embeddings=40,
-                                hidden_size=WIDTH, fusion_layers=layers, fusion_heads=HEADS, fusion_ffn_dim=FFN,
-                                pad_token_id=1, dropout=0.0).eval()
+    model = _oracle_sized_vqa_model(layers)
     report = load_pretrained(model, state)
     assert report.layout == "meter"
     assert not report.missing and not report.unexpected
@@ -340,11 +345,7 @@ def test_das_classifier_token_starts_from_the_roberta_embedding_and_replaces_the
     layers = 2
     vision, text = _clip_oracle(layers=2), _roberta_oracle()
     state = _meter_layout_state(vision, text, layers, seed=9)
-    model = meter_model_for_vqa("tiny", num_answers=11, image_size=32, vision_width=WIDTH, vision_layers=2,
-                                vision_heads=HEADS, vision_mlp_dim=FFN, text_width=WIDTH, text_layers=2,
-                                text_heads=HEADS, text_ffn_dim=FFN, vocab_size=100, max_position_embeddings=40,
-                                hidden_size=WIDTH, fusion_layers=layers, fusion_heads=HEADS, fusion_ffn_dim=FFN,
-                                pad_token_id=1, dropout=0.0).eval()
+    model = _oracle_sized_vqa_model(layers)
     load_pretrained(model, state)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(10))
     ids, mask = _texts()

@@ -93,6 +93,7 @@ def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mas
 def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
     sizes = {"image_size": args.image_size} | ({"patch_size": args.patch_size} if args.patch_size else {})
+    albef_vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}  # ALBEF: the preset's unless given
     if args.model == "vilt":
         sizes |= dict(vocab_size=args.vocab)
         if args.task == "vqa":
@@ -106,11 +107,11 @@ def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, devic
         else:
             model = (meter_model_for_nlvr if args.task == "nlvr" else meter_model_for_retrieval)(args.preset, **sizes)
     elif args.task == "vqa":
-        model = albef_model_for_vqa(args.preset, distill=False, **sizes)
+        model = albef_model_for_vqa(args.preset, distill=False, **sizes, **albef_vocab)
     elif args.task == "nlvr":
-        model = albef_model_for_nlvr(args.preset, distill=False, **sizes)
+        model = albef_model_for_nlvr(args.preset, distill=False, **sizes, **albef_vocab)
     else:
-        model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes)
+        model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes, **albef_vocab)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if das:
         trainable = apply_das(model, skip=skip, groups=DAS_GROUPS[args.model]).trainable_params
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--vision-kind", default="clip", help="METER's ViT: clip (published) or vit (ALBEF's)")
     parser.add_argument("--text-kind", default="roberta", help="METER's text encoder: roberta (published) or bert")
     parser.add_argument("--vocab-size", type=int,
-                        help="text vocabulary (default: the preset's; the shapes tokenizer has 156 tokens)")
+                        help="text vocabulary (default: the preset's; the shapes tokenizer has 156 tokens; ALBEF too)")
     parser.add_argument("--answers", type=int, default=3128, help="VQA answer-list size")
     parser.add_argument("--k-test", type=int, default=128, help="VQA answers re-scored per question")
     parser.add_argument("--patch-size", type=int)
@@ -160,7 +161,7 @@ def main() -> None:
     mask = torch.ones_like(ids)
     answers = None
     if args.task == "vqa" and args.model == "albef":
-        answer_ids = torch.randint(*vocab, (args.answers, 5), generator=gen)
+        answer_ids = torch.randint(vocab[0], min(vocab[1], args.vocab), (args.answers, 5), generator=gen)
         answers = (answer_ids.to(device), torch.ones_like(answer_ids).to(device))
 
     plain = f"plain {dict(albef='ALBEF', vilt='ViLT', meter='METER')[args.model]}"

@@ -13,9 +13,9 @@ The inference pass (``--model albef``) is what VQA, NLVR2 and ITM re-ranking sha
 images, the text encoder on the texts, the fusion encoder on (image, text) pairs and the ITM head
 on the fused CLS, on ``albef_model_for_retrieval("base")`` (``--task vqa``: answer ranking with
 the decoder; ``--task nlvr``: ``albef_model_for_nlvr``'s prediction on image pairs, both images
-through the ViT, the paired fusion layers and the NLVR2 head). ``--model vilt`` / ``--model meter``: the VQA classifier model
-(``vilt_model_for_vqa`` / ``meter_model_for_vqa``, ``--answers`` answers: 3,129 published) on images and
-questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
+through the ViT, the paired fusion layers and the NLVR2 head). ``--model vilt`` / ``--model
+meter``: the VQA classifier model (``vilt_model_for_vqa`` / ``meter_model_for_vqa``,
+``--answers`` answers: 3,129 published) on images and questions; their DAS groups are the published candidates (ViLT's ``transformer`` blocks; METER's
 ``text_fusion`` + ``image_fusion`` co-attention layers, whose flat indices 0-5 / 6-11 ``--config``
 also takes). Their other tasks: ``--task nlvr`` (``vilt_model_for_nlvr`` / ``meter_model_for_nlvr``
 on image pairs: ViLT's transformer once per image, METER's two fusion passes, and the NLVR2 head)
@@ -92,26 +92,25 @@ def inference_pass(model: nn.Module, image: torch.Tensor, ids: torch.Tensor, mas
 
 def build(skip: Dict[str, List[int]], das: bool, args: argparse.Namespace, device: torch.device):
     torch.manual_seed(0)
-    sizes = {"image_size": args.image_size} | ({"patch_size": args.patch_size} if args.patch_size else {})
-    albef_vocab = {"vocab_size": args.vocab_size} if args.vocab_size else {}  # ALBEF: the preset's unless given
+    sizes = {"image_size": args.image_size, "vocab_size": args.vocab}
+    sizes |= {"patch_size": args.patch_size} if args.patch_size else {}
     if args.model == "vilt":
-        sizes |= dict(vocab_size=args.vocab)
         if args.task == "vqa":
             model = vilt_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
         else:
             model = (vilt_model_for_nlvr if args.task == "nlvr" else vilt_model_for_retrieval)(args.preset, **sizes)
     elif args.model == "meter":
-        sizes |= dict(vocab_size=args.vocab, vision_kind=args.vision_kind, text_kind=args.text_kind)
+        sizes |= dict(vision_kind=args.vision_kind, text_kind=args.text_kind)
         if args.task == "vqa":
             model = meter_model_for_vqa(args.preset, num_answers=args.answers, **sizes)
         else:
             model = (meter_model_for_nlvr if args.task == "nlvr" else meter_model_for_retrieval)(args.preset, **sizes)
     elif args.task == "vqa":
-        model = albef_model_for_vqa(args.preset, distill=False, **sizes, **albef_vocab)
+        model = albef_model_for_vqa(args.preset, distill=False, **sizes)
     elif args.task == "nlvr":
-        model = albef_model_for_nlvr(args.preset, distill=False, **sizes, **albef_vocab)
+        model = albef_model_for_nlvr(args.preset, distill=False, **sizes)
     else:
-        model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes, **albef_vocab)
+        model = albef_model_for_retrieval(args.preset, queue_size=0, **sizes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if das:
         trainable = apply_das(model, skip=skip, groups=DAS_GROUPS[args.model]).trainable_params
@@ -140,7 +139,7 @@ def main() -> None:
     parser.add_argument("--vision-kind", default="clip", help="METER's ViT: clip (published) or vit (ALBEF's)")
     parser.add_argument("--text-kind", default="roberta", help="METER's text encoder: roberta (published) or bert")
     parser.add_argument("--vocab-size", type=int,
-                        help="text vocabulary (default: the preset's; the shapes tokenizer has 156 tokens; ALBEF too)")
+                        help="text vocabulary (default: the preset's; the shapes tokenizer has 156 tokens)")
     parser.add_argument("--answers", type=int, default=3128, help="VQA answer-list size")
     parser.add_argument("--k-test", type=int, default=128, help="VQA answers re-scored per question")
     parser.add_argument("--patch-size", type=int)
